@@ -1,0 +1,18 @@
+"""anomalib-vqflow: normalizing-flow models for unified multi-class anomaly detection in Anomalib.
+
+Importing the package registers its models and datamodules with Anomalib: they become
+direct ``AnomalibModule`` / ``AnomalibDataModule`` subclasses that ``list_models()``,
+``get_model()`` and the ``anomalib`` command resolve by short name.
+
+Example:
+    >>> import anomalib_vqflow
+    >>> from anomalib.models import list_models
+    >>> "ms_flow" in list_models()
+    True
+"""
+
+from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, MultiClassVisa
+from anomalib_vqflow.models import MsFlow
+
+__all__ = ["DemoMultiClass", "MsFlow", "MultiClassMVTecAD", "MultiClassVisa"]
+__version__ = "0.1.0"

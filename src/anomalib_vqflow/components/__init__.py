@@ -1,0 +1,27 @@
+"""What two or more models share, each piece once.
+
+- :mod:`.backbone`: frozen multi-stage timm feature extractor with offline weights;
+- :mod:`.positional`: 2-D sinusoidal positional encoding;
+- :mod:`.flows`: coupling subnets, per-scale parallel flows, the fusion coupling;
+- :mod:`.scoring`: per-scale likelihoods to anomaly maps and image scores.
+"""
+
+from .backbone import OFFLINE_BACKBONES, FeatureExtractor, layers_for_strides
+from .flows import ConvLayerNormSubnet, FusionCoupling, ParallelFlows, conditional_flow
+from .positional import positional_encoding_2d
+from .scoring import additive_anomaly_map, log_likelihood_maps, multiplicative_anomaly_map, top_k_mean
+
+__all__ = [
+    "OFFLINE_BACKBONES",
+    "ConvLayerNormSubnet",
+    "FeatureExtractor",
+    "FusionCoupling",
+    "ParallelFlows",
+    "additive_anomaly_map",
+    "conditional_flow",
+    "layers_for_strides",
+    "log_likelihood_maps",
+    "multiplicative_anomaly_map",
+    "positional_encoding_2d",
+    "top_k_mean",
+]

@@ -1,0 +1,60 @@
+"""From flow latents to anomaly maps and image scores, as MSFlow and VQ-Flow score.
+
+Per scale, the log-likelihood of every pixel is ``-0.5 * mean_c(z^2)`` (the log-Jacobian
+is left out at test time, as in the official code). Two aggregations follow:
+
+- the **additive** map, for localization: per scale ``exp(logp - max_image(logp))``,
+  upsampled and summed over scales, then ``max_image(map) - map``;
+- the **multiplicative** map, for detection: the per-scale log-likelihoods upsampled and
+  summed (a product of likelihoods), ``P = exp(sum - max_image(sum))``, then ``1 - P``;
+  the image score is the mean of its top ``top_k`` share of pixels (MSFlow: 3%).
+
+All normalisation is per image, so the scores never depend on other test images.
+
+Example:
+    >>> import torch
+    >>> latents = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    >>> log_likelihoods = log_likelihood_maps(latents)
+    >>> additive_anomaly_map(log_likelihoods, (32, 32)).shape
+    torch.Size([2, 1, 32, 32])
+    >>> score = top_k_mean(multiplicative_anomaly_map(log_likelihoods, (32, 32)), top_k=0.03)
+    >>> score.shape
+    torch.Size([2])
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+
+def log_likelihood_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-pixel log-likelihood ``-0.5 * mean_c(z^2)`` of each ``(N, C, H, W)`` latent, as ``(N, 1, H, W)``."""
+    return [-0.5 * latent.pow(2).mean(dim=1, keepdim=True) for latent in latents]
+
+
+def _image_max(maps: torch.Tensor) -> torch.Tensor:
+    return maps.amax(dim=(-2, -1), keepdim=True)
+
+
+def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
+
+
+def additive_anomaly_map(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Sum over scales of per-image normalised likelihoods, turned into an anomaly map ``(N, 1, H, W)``."""
+    likelihood = sum(_upsample(torch.exp(lp - _image_max(lp)), size) for lp in log_likelihoods)
+    return _image_max(likelihood) - likelihood
+
+
+def multiplicative_anomaly_map(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Product over scales of the likelihoods, normalised per image, as ``1 - P`` in ``[0, 1]``."""
+    joint = sum(_upsample(lp, size) for lp in log_likelihoods)
+    return 1.0 - torch.exp(joint - _image_max(joint))
+
+
+def top_k_mean(anomaly_map: torch.Tensor, top_k: float) -> torch.Tensor:
+    """Mean of the highest ``top_k`` share (0 < top_k <= 1) of each image's pixels, as ``(N,)``."""
+    flat = anomaly_map.flatten(start_dim=1)
+    k = max(1, int(flat.shape[1] * top_k))
+    return flat.topk(k, dim=1).values.mean(dim=1)

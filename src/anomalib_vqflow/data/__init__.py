@@ -1,0 +1,29 @@
+"""Unified multi-class data: several categories in one datamodule, items that carry their category.
+
+- :class:`MultiClassMVTecAD`: any folder in MVTec AD layout (MVTec AD itself, your own data);
+- :class:`MultiClassVisa`: VisA after Anomalib's one-class split;
+- :class:`DemoMultiClass`: the embedded demo data, generated offline in seconds.
+"""
+
+from .demo import DEMO_CATEGORIES, DemoMultiClass, default_demo_root, generate_demo_dataset
+from .multiclass import (
+    CategoryImageBatch,
+    CategoryImageItem,
+    MultiClassDataset,
+    MultiClassMVTecAD,
+    MultiClassVisa,
+    discover_categories,
+)
+
+__all__ = [
+    "DEMO_CATEGORIES",
+    "CategoryImageBatch",
+    "CategoryImageItem",
+    "DemoMultiClass",
+    "MultiClassDataset",
+    "MultiClassMVTecAD",
+    "MultiClassVisa",
+    "default_demo_root",
+    "discover_categories",
+    "generate_demo_dataset",
+]

@@ -1,0 +1,350 @@
+"""Unified multi-class datamodules: one Anomalib datamodule over several categories.
+
+Anomalib 2.7 trains one model per category (``MVTecAD(category="bottle")``). The unified
+setting of UniAD, HGAD and VQ-Flow trains one model on the good images of *all*
+categories together, without class labels, and reports metrics per category. This
+module provides that datamodule for any folder in MVTec AD layout
+(``MultiClassMVTecAD``) and for VisA after Anomalib's split (``MultiClassVisa``).
+
+Every item carries its ``category`` (a :class:`CategoryImageItem`), so metrics and
+pictures can be grouped by category. Models must not read it: the plugin's models never
+do, and their tests check it.
+
+Compared with Anomalib's ``MVTecAD`` loader, the sample builder here also:
+
+- accepts categories whose defect images have no masks (image-level labels only); their
+  defect images get empty masks and the evaluator gives them image metrics only;
+- fails with one clear error naming the path for an empty root, an unknown category, a
+  category without ``train/good``, a defect image without its mask, or an unreadable file;
+- defaults to a validation split taken from the good *training* images
+  (``ValSplitMode.FROM_TRAIN``), so thresholds and normalisation never see test images
+  (Anomalib's default, ``SAME_AS_TEST``, fits them on the test set).
+
+Example:
+    >>> import tempfile
+    >>> from anomalib_vqflow.data.demo import generate_demo_dataset
+    >>> root = generate_demo_dataset(tempfile.mkdtemp(), categories=["brick"], num_train=4,
+    ...                              num_test_good=2, num_test_defect=2)
+    >>> datamodule = MultiClassMVTecAD(root=root, num_workers=0)
+    >>> datamodule.categories
+    ['brick']
+    >>> datamodule.setup()
+    >>> item = datamodule.test_data[0]
+    >>> item.category
+    'brick'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pandas as pd
+import torch
+from anomalib.data import ImageBatch, ImageItem
+from anomalib.data.datamodules.base.image import AnomalibDataModule
+from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode, read_image, read_mask
+from anomalib.data.utils.image import IMG_EXTENSIONS
+from PIL import UnidentifiedImageError
+from torchvision.transforms.v2 import Transform
+from torchvision.tv_tensors import Mask
+
+logger = logging.getLogger(__name__)
+
+_MASK_SUFFIXES = ("_mask", "")
+
+
+@dataclass
+class CategoryImageItem(ImageItem):
+    """Anomalib ``ImageItem`` that also carries the name of its category."""
+
+    category: str | None = None
+
+
+@dataclass
+class CategoryImageBatch(ImageBatch):
+    """Anomalib ``ImageBatch`` whose items carry their category (``batch.category`` is a list)."""
+
+    item_class: ClassVar[type[ImageItem]] = CategoryImageItem
+    category: list[str] | None = None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS)
+
+
+def _find_mask(mask_folder: Path, image_path: Path) -> Path | None:
+    for suffix in _MASK_SUFFIXES:
+        for candidate in sorted(mask_folder.glob(f"{image_path.stem}{suffix}.*")):
+            if candidate.suffix.lower() in IMG_EXTENSIONS:
+                return candidate
+    return None
+
+
+def discover_categories(root: str | Path) -> list[str]:
+    """Return the sorted names of the folders under ``root`` that have ``train/good``.
+
+    Raises:
+        FileNotFoundError: If ``root`` does not exist or holds no such category.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        msg = f"Dataset root {root} does not exist or is not a folder."
+        raise FileNotFoundError(msg)
+    categories = sorted(path.name for path in root.iterdir() if (path / "train" / "good").is_dir())
+    if not categories:
+        msg = f"Dataset root {root} holds no category: expected folders <category>/train/good (MVTec AD layout)."
+        raise FileNotFoundError(msg)
+    return categories
+
+
+def make_category_samples(root: str | Path, category: str) -> pd.DataFrame:
+    """Build the sample table of one category folder in MVTec AD layout.
+
+    The table has Anomalib's columns (``path, split, label, image_path, mask_path,
+    label_index``) plus ``category``. Defect folders without a ``ground_truth`` folder
+    are image-level only (``mask_path`` is empty).
+
+    Raises:
+        FileNotFoundError: If the category or its ``train/good`` folder is missing or empty.
+        ValueError: If a defect folder has masks but one of its images has none.
+    """
+    category_root = Path(root) / category
+    if not category_root.is_dir():
+        msg = f"Unknown category {category!r}: folder {category_root} does not exist."
+        raise FileNotFoundError(msg)
+    train_good = category_root / "train" / "good"
+    if not train_good.is_dir() or not _image_files(train_good):
+        msg = f"Category {category!r} has no training images: expected image files in {train_good}."
+        raise FileNotFoundError(msg)
+
+    rows: list[tuple[str, str, str, str, int]] = [
+        ("train", "good", str(path), "", LabelName.NORMAL) for path in _image_files(train_good)
+    ]
+    test_root = category_root / "test"
+    defect_folders = sorted(path for path in test_root.iterdir() if path.is_dir()) if test_root.is_dir() else []
+    for folder in defect_folders:
+        label_index = LabelName.NORMAL if folder.name == "good" else LabelName.ABNORMAL
+        mask_folder = category_root / "ground_truth" / folder.name
+        for image_path in _image_files(folder):
+            mask_path = ""
+            if label_index == LabelName.ABNORMAL and mask_folder.is_dir():
+                mask = _find_mask(mask_folder, image_path)
+                if mask is None:
+                    msg = f"Defect image {image_path} has no mask in {mask_folder} (expected {image_path.stem}_mask.png)."
+                    raise ValueError(msg)
+                mask_path = str(mask)
+            rows.append(("test", folder.name, str(image_path), mask_path, label_index))
+
+    samples = pd.DataFrame(rows, columns=["split", "label", "image_path", "mask_path", "label_index"])
+    samples.insert(0, "path", str(category_root))
+    samples["category"] = category
+    samples["label_index"] = samples["label_index"].astype(int)
+    return samples
+
+
+class MultiClassDataset(AnomalibDataset):
+    """Dataset over several categories of a folder in MVTec AD layout; items carry their category.
+
+    Args:
+        root: Folder that holds one sub-folder per category.
+        categories: Category names to load.
+        augmentations: Augmentations applied to every image (and mask).
+        split: ``"train"``, ``"test"`` or ``None`` for both.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: Sequence[str],
+        augmentations: Transform | None = None,
+        split: str | Split | None = None,
+    ) -> None:
+        super().__init__(augmentations=augmentations)
+        self.root = Path(root)
+        self.categories = list(categories)
+        self.split = split
+        samples = pd.concat([make_category_samples(self.root, c) for c in self.categories], ignore_index=True)
+        if split is not None:
+            split_value = split.value if isinstance(split, Split) else split
+            samples = samples[samples.split == split_value].reset_index(drop=True)
+        has_masks = (samples.mask_path != "").any()
+        samples.attrs["task"] = "segmentation" if has_masks else "classification"
+        self.samples = samples
+
+    @property
+    def category(self) -> str:
+        """Name used by Anomalib for run folders: every category of a unified model at once."""
+        return "unified"
+
+    @property
+    def collate_fn(self) -> type[CategoryImageBatch]:
+        """Collate items into a :class:`CategoryImageBatch`."""
+        return CategoryImageBatch.collate
+
+    def __getitem__(self, index: int) -> CategoryImageItem:
+        """Load one image (RGB, float in [0, 1]), its mask and its category."""
+        sample = self.samples.iloc[index]
+        image = _read(read_image, sample.image_path)
+        gt_mask = None
+        if self.task == "segmentation":
+            if sample.mask_path:
+                gt_mask = Mask(_read(read_mask, sample.mask_path))
+            else:
+                # Good images and defect images without annotation: no annotated pixel.
+                gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+            if gt_mask.shape[-2:] != image.shape[-2:]:
+                msg = f"Mask {sample.mask_path} has size {tuple(gt_mask.shape[-2:])}, its image {sample.image_path} "
+                msg += f"has size {tuple(image.shape[-2:])}."
+                raise ValueError(msg)
+        if self.augmentations:
+            if gt_mask is None:
+                image = self.augmentations(image)
+            else:
+                image, gt_mask = self.augmentations(image, gt_mask)
+        return CategoryImageItem(
+            image=image,
+            gt_label=torch.tensor(int(sample.label_index)),
+            gt_mask=gt_mask,
+            image_path=sample.image_path,
+            mask_path=sample.mask_path or None,
+            category=sample.category,
+        )
+
+
+def _read(reader: object, path: str) -> torch.Tensor:
+    """Read an image or mask as a tensor; an unreadable file raises an error that names it."""
+    try:
+        return reader(path, as_tensor=True)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        msg = f"Cannot read image file {path}: {error}"
+        raise ValueError(msg) from error
+
+
+class MultiClassMVTecAD(AnomalibDataModule):
+    """One datamodule over several categories of a folder in MVTec AD layout.
+
+    Args:
+        root: Folder with one sub-folder per category (``<root>/<category>/train/good`` ...).
+        categories: Categories to use; ``None`` uses every folder under ``root`` that has
+            ``train/good``.
+        train_batch_size: Training batch size.
+        eval_batch_size: Validation and test batch size.
+        num_workers: Data loader workers.
+        train_augmentations: Augmentations of training images.
+        val_augmentations: Augmentations of validation images.
+        test_augmentations: Augmentations of test images.
+        augmentations: Augmentations of all subsets, where no subset-specific one is given.
+        test_split_mode: How the test set is made (Anomalib's ``TestSplitMode``).
+        test_split_ratio: Share of normal images moved to the test set when it is synthetic.
+        val_split_mode: How the validation set is made. Defaults to ``FROM_TRAIN``: good
+            training images only, so no threshold or normalisation is fitted on test images.
+        val_split_ratio: Share of the training images used for validation.
+        seed: Seed of the random splits.
+
+    Example:
+        >>> datamodule = MultiClassMVTecAD(root="./datasets/MVTecAD", categories=["bottle", "cable"])
+        >>> datamodule.name, datamodule.category
+        ('MVTecAD', 'unified')
+    """
+
+    def __init__(
+        self,
+        root: str | Path = "./datasets/MVTecAD",
+        categories: Sequence[str] | None = None,
+        train_batch_size: int = 32,
+        eval_batch_size: int = 32,
+        num_workers: int = 8,
+        train_augmentations: Transform | None = None,
+        val_augmentations: Transform | None = None,
+        test_augmentations: Transform | None = None,
+        augmentations: Transform | None = None,
+        test_split_mode: TestSplitMode | str = TestSplitMode.FROM_DIR,
+        test_split_ratio: float = 0.2,
+        val_split_mode: ValSplitMode | str = ValSplitMode.FROM_TRAIN,
+        val_split_ratio: float = 0.1,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            train_augmentations=train_augmentations,
+            val_augmentations=val_augmentations,
+            test_augmentations=test_augmentations,
+            augmentations=augmentations,
+            test_split_mode=test_split_mode,
+            test_split_ratio=test_split_ratio,
+            val_split_mode=val_split_mode,
+            val_split_ratio=val_split_ratio,
+            seed=seed,
+        )
+        self.root = Path(root)
+        self._requested_categories = list(categories) if categories is not None else None
+        self.category = "unified"
+
+    @property
+    def data_root(self) -> Path:
+        """Folder that holds the category folders."""
+        return self.root
+
+    @property
+    def name(self) -> str:
+        """Name of the data set folder, so run folders and pictures follow the data, not the class."""
+        return self.data_root.name
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories this datamodule loads, checked against the folder."""
+        available = discover_categories(self.data_root)
+        if self._requested_categories is None:
+            return available
+        unknown = [c for c in self._requested_categories if c not in available]
+        if unknown:
+            msg = f"Unknown categories {unknown} under {self.data_root}; available: {available}."
+            raise FileNotFoundError(msg)
+        return self._requested_categories
+
+    def _setup(self, _stage: str | None = None) -> None:
+        categories = self.categories
+        self.train_data = MultiClassDataset(self.data_root, categories, split=Split.TRAIN)
+        self.test_data = MultiClassDataset(self.data_root, categories, split=Split.TEST)
+        logger.info(
+            "Unified data over %d categories: %d training and %d test images.",
+            len(categories),
+            len(self.train_data),
+            len(self.test_data),
+        )
+
+
+class MultiClassVisa(MultiClassMVTecAD):
+    """One datamodule over several VisA categories, after Anomalib's one-class split.
+
+    Anomalib's ``Visa`` datamodule downloads VisA and writes the split into
+    ``<root>/visa_pytorch``; this datamodule reuses that preparation and then loads the
+    split folder like :class:`MultiClassMVTecAD`.
+
+    Example:
+        >>> datamodule = MultiClassVisa(root="./datasets/visa", categories=["candle"])
+        >>> datamodule.data_root.as_posix()
+        'datasets/visa/visa_pytorch'
+    """
+
+    def __init__(self, root: str | Path = "./datasets/visa", **kwargs: object) -> None:
+        super().__init__(root=root, **kwargs)
+
+    @property
+    def data_root(self) -> Path:
+        """Folder of the split categories that Anomalib's VisA preparation writes."""
+        return self.root / "visa_pytorch"
+
+    def prepare_data(self) -> None:
+        """Download VisA and apply Anomalib's split where it has not been done yet."""
+        from anomalib.data import Visa
+
+        for category in self._requested_categories or ["candle"]:
+            Visa(root=self.root, category=category).prepare_data()

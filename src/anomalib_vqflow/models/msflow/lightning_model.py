@@ -1,0 +1,159 @@
+"""MSFlow: multi-scale flow-based anomaly detection, as an Anomalib model.
+
+MSFlow (Zhou et al., TNNLS 2024, "MSFlow: Multi-Scale Flow-based Framework for
+Unsupervised Anomaly Detection") maps the features of three backbone stages to Gaussian
+latents with parallel flows of asymmetric depth and a fusion flow that exchanges
+information across scales, then scores pixels by their likelihood. Here it is trained
+in the unified setting: one model on the good images of every category, no labels.
+
+Paper defaults: wide_resnet50_2, 512 px, blocks ``[2, 5, 8]``, Adam at 1e-4, 100 epochs
+with a linear warm-up from 0.1x over 12 epochs and a decay by 0.33 at epochs 70 and 90,
+gradient norm clipped at 2. Differences from the official code: images are resized with
+torchvision's antialiased bilinear resize (Anomalib's pre-processor) instead of LANCZOS,
+no epoch is chosen on the test set (the last epoch is kept), and the fusion coupling also
+handles odd channel counts.
+
+Example:
+    >>> from anomalib_vqflow.models import MsFlow
+    >>> model = MsFlow(backbone="tf_efficientnet_lite0", num_blocks=(1, 1, 1), condition_channels=16)
+    >>> model.learning_type.value
+    'one_class'
+
+    From the command line (after ``pip install anomalib-vqflow``)::
+
+        anomalib train --model MsFlow --data MultiClassMVTecAD --data.root ./datasets/MVTecAD
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig, STEP_OUTPUT
+
+from anomalib_vqflow.components.flows import AFFINE_CLAMPING
+from anomalib_vqflow.models.base import UnifiedModelMixin
+
+from .loss import MsFlowLoss
+from .torch_model import MsFlowModel
+
+
+def warmup_multistep_factor(epoch: int, warmup_epochs: int, milestones: Sequence[int], gamma: float) -> float:
+    """Learning-rate factor at ``epoch``: linear warm-up from 0.1, then a step decay by ``gamma`` at each milestone.
+
+    >>> [round(warmup_multistep_factor(e, 2, [3], 0.5), 2) for e in range(5)]
+    [0.1, 0.55, 1.0, 0.5, 0.5]
+    """
+    warmup = 0.1 + 0.9 * epoch / warmup_epochs if epoch < warmup_epochs else 1.0
+    return warmup * gamma ** sum(epoch >= milestone for milestone in milestones)
+
+
+class MsFlow(UnifiedModelMixin, AnomalibModule):
+    """MSFlow for unified multi-class anomaly detection.
+
+    Args:
+        backbone: timm model name (paper: ``wide_resnet50_2``; offline: ``tf_efficientnet_lite0``).
+        layers: timm feature indices; ``None`` taps the stages at strides 4, 8 and 16.
+        pre_trained: Use ImageNet weights for the backbone.
+        backbone_weights: Local backbone weight file, for machines without internet.
+        num_blocks: Coupling blocks of the parallel flow of each scale.
+        condition_channels: Channels of the positional-encoding condition.
+        clamp: Affine clamping of the couplings.
+        top_k: Share of pixels averaged into the image score.
+        anomaly_map_mode: ``"add"`` (paper's localization map) or ``"mul"``.
+        lr: Adam learning rate.
+        warmup_epochs: Epochs of linear warm-up from 0.1 x ``lr``.
+        lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
+        lr_gamma: Step decay factor.
+        pre_processor: Anomalib pre-processor, ``True`` for the default (512 px, ImageNet normalisation).
+        post_processor: Anomalib post-processor, ``True`` for the default.
+        evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
+        visualizer: Anomalib visualizer, ``True`` for the default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[int] | None = None,
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        num_blocks: Sequence[int] = (2, 5, 8),
+        condition_channels: int = 64,
+        clamp: float = AFFINE_CLAMPING,
+        top_k: float = 0.03,
+        anomaly_map_mode: str = "add",
+        lr: float = 1e-4,
+        warmup_epochs: int = 12,
+        lr_milestones: Sequence[int] = (70, 90),
+        lr_gamma: float = 0.33,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = MsFlowModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            num_blocks=num_blocks,
+            condition_channels=condition_channels,
+            clamp=clamp,
+            top_k=top_k,
+            anomaly_map_mode=anomaly_map_mode,
+        )
+        self.loss = MsFlowLoss()
+        self.lr = lr
+        self.warmup_epochs = warmup_epochs
+        self.lr_milestones = list(lr_milestones)
+        self.lr_gamma = lr_gamma
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (paper: 512 x 512) and normalise with ImageNet statistics."""
+        return AnomalibModule.configure_pre_processor(image_size=image_size or (512, 512))
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """Adam on the flows (the backbone is frozen), warm-up then step decay, stepped per epoch."""
+        optimizer = torch.optim.Adam((p for p in self.model.parameters() if p.requires_grad), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda epoch: warmup_multistep_factor(epoch, self.warmup_epochs, self.lr_milestones, self.lr_gamma),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Maximum-likelihood step on a batch of good images (categories are not read)."""
+        del args, kwargs
+        latents, log_jacobian = self.model(batch.image)
+        loss = self.loss(latents, log_jacobian)
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, logger=True)
+        return {"loss": loss}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Clip the gradient norm at 2 as the paper does; no sanity validation."""
+        return {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """MSFlow learns from good images only."""
+        return LearningType.ONE_CLASS

@@ -1,0 +1,138 @@
+"""The unified datamodule: categories, items that carry them, masks, and clear errors on bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalib_vqflow.data import MultiClassMVTecAD, MultiClassVisa
+from anomalib_vqflow.data.multiclass import CategoryImageBatch, MultiClassDataset
+
+
+def _write_image(path: Path, value: int, size: tuple[int, int] = (20, 24), mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "L": 1}[mode]
+    array = np.full((*size, channels), value, dtype=np.uint8).squeeze()
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _make_category(root: Path, name: str, masks: bool = True, grayscale: bool = False) -> None:
+    mode = "L" if grayscale else "RGB"
+    for index in range(3):
+        _write_image(root / name / "train" / "good" / f"{index:03d}.png", 100 + index, mode=mode)
+    _write_image(root / name / "test" / "good" / "000.png", 100, mode=mode)
+    for index in range(2):
+        _write_image(root / name / "test" / "scratch" / f"{index:03d}.png", 200, mode=mode)
+        if masks:
+            mask = np.zeros((20, 24), dtype=np.uint8)
+            mask[2:5, 3:9] = 255
+            mask_path = root / name / "ground_truth" / "scratch" / f"{index:03d}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(mask_path)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    _make_category(tmp_path, "alpha")
+    _make_category(tmp_path, "beta", masks=False, grayscale=True)
+    (tmp_path / "not_a_category").mkdir()
+    return tmp_path
+
+
+def test_finds_every_category_with_train_good(root: Path) -> None:
+    assert MultiClassMVTecAD(root=root).categories == ["alpha", "beta"]
+    assert MultiClassMVTecAD(root=root, categories=["beta"]).categories == ["beta"]
+
+
+def test_items_carry_their_category_and_masks(root: Path) -> None:
+    datamodule = MultiClassMVTecAD(root=root, num_workers=0, eval_batch_size=8)
+    datamodule.setup()
+    batch = next(iter(datamodule.test_dataloader()))
+    assert isinstance(batch, CategoryImageBatch)
+    assert batch.category == ["alpha"] * 3 + ["beta"] * 3
+    assert batch.image.shape == (6, 3, 20, 24), "grayscale images are converted to RGB"
+    assert batch.gt_label.tolist() == [0, 1, 1, 0, 1, 1]
+    # alpha's defects have masks; beta's have none (image-level labels only), so they get empty masks.
+    assert batch.gt_mask[1].sum() == 18
+    assert batch.gt_mask[4].sum() == 0
+    assert [item.category for item in batch] == batch.category
+
+
+def test_validation_comes_from_good_training_images(root: Path) -> None:
+    datamodule = MultiClassMVTecAD(root=root, num_workers=0, val_split_ratio=0.5, seed=0)
+    datamodule.setup()
+    val_paths = set(datamodule.val_data.samples.image_path)
+    assert val_paths
+    assert all("/train/good/" in path for path in val_paths)
+    assert not val_paths & set(datamodule.test_data.samples.image_path)
+    assert len(datamodule.train_data) + len(datamodule.val_data) == 6
+
+
+def test_run_folder_names_follow_the_data(root: Path) -> None:
+    datamodule = MultiClassMVTecAD(root=root)
+    assert (datamodule.name, datamodule.category) == (root.name, "unified")
+
+
+def test_missing_root_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        MultiClassMVTecAD(root=missing).setup()
+
+
+def test_empty_root_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*no category"):
+        MultiClassMVTecAD(root=tmp_path).setup()
+
+
+def test_unknown_category_names_it_and_the_root(root: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"Unknown categories \['gamma'\]"):
+        MultiClassMVTecAD(root=root, categories=["alpha", "gamma"]).setup()
+
+
+def test_category_without_training_images_names_the_folder(root: Path) -> None:
+    empty = root / "gamma" / "train" / "good"
+    empty.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        MultiClassDataset(root, ["gamma"])
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        MultiClassMVTecAD(root=root).setup()
+
+
+def test_defect_image_without_mask_names_the_image(root: Path) -> None:
+    (root / "alpha" / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    with pytest.raises(ValueError, match=r"alpha/test/scratch/001\.png has no mask"):
+        MultiClassDataset(root, ["alpha"])
+
+
+def test_corrupt_image_names_the_file(root: Path) -> None:
+    corrupt = root / "alpha" / "test" / "scratch" / "000.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    dataset = MultiClassDataset(root, ["alpha"], split="test")
+    index = dataset.samples.index[dataset.samples.image_path == str(corrupt)][0]
+    with pytest.raises(ValueError, match=f"Cannot read image file {corrupt}"):
+        dataset[index]
+
+
+def test_magnetic_tile_loads() -> None:
+    shared = Path(__file__).parents[2].parent / "shared" / "data"
+    if not (shared / "magnetic_tile").is_dir():
+        pytest.skip("shared/data/magnetic_tile is not next to this checkout")
+    datamodule = MultiClassMVTecAD(root=shared, categories=["magnetic_tile"], num_workers=0, eval_batch_size=4)
+    datamodule.setup()
+    assert len(datamodule.train_data) + len(datamodule.val_data) == 762
+    assert len(datamodule.test_data) == 190 + 115 + 85 + 57 + 32 + 99
+    item = datamodule.test_data[len(datamodule.test_data) - 1]
+    assert item.image.shape[0] == 3
+    assert item.gt_mask.shape == item.image.shape[-2:]
+    assert item.category == "magnetic_tile"
+
+
+def test_visa_reads_the_split_folder(tmp_path: Path) -> None:
+    _make_category(tmp_path / "visa_pytorch", "candle")
+    datamodule = MultiClassVisa(root=tmp_path, num_workers=0)
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert datamodule.categories == ["candle"]
+    assert torch.is_tensor(datamodule.test_data[0].image)

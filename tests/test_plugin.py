@@ -1,0 +1,114 @@
+"""The plugin inside Anomalib: short names in the stock `anomalib` command, list_models(), and the switch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from anomalib.models import get_model, list_models
+
+import anomalib_vqflow
+from anomalib_vqflow.models import MsFlow
+
+ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
+CONFIGS = Path(anomalib_vqflow.__file__).parent / "configs"
+
+
+def _run(arguments: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(arguments, capture_output=True, text=True, env=environment, timeout=600, check=False)
+
+
+def test_list_models_and_get_model_see_the_plugin() -> None:
+    assert "ms_flow" in list_models()
+    model = get_model("ms_flow", backbone="tf_efficientnet_lite0", num_blocks=[1, 1, 1], condition_channels=8)
+    assert isinstance(model, MsFlow)
+
+
+def test_autoload_hook_imports_nothing_heavy() -> None:
+    result = _run([sys.executable, "-c", "import sys; print('torch' in sys.modules, 'anomalib' in sys.modules)"])
+    assert result.stdout.split() == ["False", "False"], result.stderr
+    result = _run([sys.executable, "-c", "import anomalib.cli.cli, sys; print('anomalib_vqflow' in sys.modules)"])
+    assert result.stdout.split()[-1] == "True", result.stderr
+
+
+def test_autoload_can_be_switched_off() -> None:
+    code = "import anomalib.cli.cli, sys; print('anomalib_vqflow' in sys.modules)"
+    result = _run([sys.executable, "-c", code], env={"ANOMALIB_VQFLOW_AUTOLOAD": "0"})
+    assert result.stdout.split()[-1] == "False", result.stderr
+
+
+def _small_model_arguments() -> list[str]:
+    return [
+        "--model.backbone",
+        "tf_efficientnet_lite0",
+        "--model.num_blocks",
+        "[1, 1, 1]",
+        "--model.condition_channels",
+        "8",
+    ]
+
+
+def _data_arguments(root: Path) -> list[str]:
+    return ["--data.root", str(root), "--data.num_workers", "0", "--data.train_batch_size", "8"]
+
+
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [("MsFlow", "MultiClassMVTecAD"), ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD")],
+)
+def test_stock_anomalib_command_trains_and_tests(demo_root: Path, tmp_path: Path, model: str, data: str) -> None:
+    result = _run([
+        ANOMALIB,
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        *_data_arguments(demo_root),
+        *_small_model_arguments(),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--default_root_dir",
+        str(tmp_path),
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    tables = list(tmp_path.rglob("metrics_per_category.csv"))
+    assert len(tables) == 1, result.stdout[-2000:]
+    table = pd.read_csv(tables[0], index_col=0)
+    assert {"brick", "coffee", "mean", "pooled"} <= set(table.index)
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoints
+
+
+def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:
+    """The packaged CPU config, with the data root and a tiny budget overridden on the command line."""
+    result = _run([
+        ANOMALIB,
+        "train",
+        "--config",
+        str(CONFIGS / "model" / "ms_flow_cpu.yaml"),
+        "--data",
+        "MultiClassMVTecAD",
+        *_data_arguments(demo_root),
+        *_small_model_arguments(),
+        "--trainer.max_epochs",
+        "1",
+        "--default_root_dir",
+        str(tmp_path),
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.rglob("metrics_per_category.json"))
+
+
+def test_switched_off_plugin_keeps_full_class_paths(tmp_path: Path) -> None:
+    env = {"ANOMALIB_VQFLOW_AUTOLOAD": "0"}
+    short = _run([ANOMALIB, "train", "--model", "MsFlow", "--print_config"], env=env)
+    assert short.returncode != 0
+    full = _run([ANOMALIB, "train", "--model", "anomalib_vqflow.models.MsFlow", "--print_config"], env=env)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "anomalib_vqflow.models.MsFlow" in full.stdout
