@@ -140,7 +140,7 @@ class MsFlow(UnifiedModelMixin, AnomalibModule):
         del args, kwargs
         latents, log_jacobian = self.model(batch.image)
         loss = self.loss(latents, log_jacobian)
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, logger=True)
+        self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

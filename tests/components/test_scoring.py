@@ -1,0 +1,51 @@
+"""Scoring functions against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from anomalib_vqflow.components.positional import positional_encoding_2d
+from anomalib_vqflow.components.scoring import (
+    additive_anomaly_map,
+    log_likelihood_maps,
+    multiplicative_anomaly_map,
+    top_k_mean,
+)
+
+
+def test_log_likelihood_is_minus_half_mean_square() -> None:
+    latent = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # (1, 2, 1, 2)
+    (log_likelihood,) = log_likelihood_maps([latent])
+    torch.testing.assert_close(log_likelihood, torch.tensor([[[[-2.5, -1.0]]]]))
+
+
+def test_maps_by_hand_on_one_scale() -> None:
+    log_likelihood = torch.tensor([[[[0.0, -1.0], [-2.0, 0.0]]]])
+    additive = additive_anomaly_map([log_likelihood], (2, 2))
+    expected_likelihood = torch.exp(log_likelihood)  # max is 0 already
+    torch.testing.assert_close(additive, 1.0 - expected_likelihood)
+    multiplicative = multiplicative_anomaly_map([log_likelihood, log_likelihood], (2, 2))
+    torch.testing.assert_close(multiplicative, 1.0 - torch.exp(2 * log_likelihood))
+
+
+def test_maps_are_normalised_per_image() -> None:
+    log_likelihood = torch.tensor([[[[0.0, -1.0]]], [[[-10.0, -11.0]]]])
+    additive = additive_anomaly_map([log_likelihood], (1, 2))
+    torch.testing.assert_close(additive[0], additive[1])
+
+
+def test_top_k_mean() -> None:
+    anomaly_map = torch.arange(100.0).reshape(1, 1, 10, 10)
+    assert top_k_mean(anomaly_map, 0.03).item() == 98.0  # mean of 97, 98, 99
+    assert top_k_mean(anomaly_map, 0.001).item() == 99.0  # at least one pixel
+
+
+def test_positional_encoding_values() -> None:
+    encoding = positional_encoding_2d(8, height=3, width=5)
+    # Column x, frequency 1: sin(x) on channel 0, cos(x) on channel 1; rows likewise from channel 4.
+    assert encoding[0, 2, 3].item() == pytest.approx(math.sin(3.0), abs=1e-7)
+    assert encoding[1, 0, 4].item() == pytest.approx(math.cos(4.0), abs=1e-7)
+    assert encoding[4, 2, 0].item() == pytest.approx(math.sin(2.0), abs=1e-7)
+    assert encoding[6, 2, 1].item() == pytest.approx(math.sin(2.0 * 10000 ** (-2 / 4)), abs=1e-6)
+    assert torch.equal(encoding[:4, 0], encoding[:4, 2]), "column channels do not depend on the row"
