@@ -118,7 +118,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         root = combined_root(roots, args.categories, Path(folder) / "unified")
         results = [run_model(m, args.variant, root, args.output, args.seed, args.max_epochs) for m in args.models]
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    processor = platform.processor() or platform.machine()
+    machine = f"{processor}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     summary = {"command": " ".join(sys.argv), "machine": machine, "seed": args.seed, "results": results}
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"Command: `{summary['command']}`", f"Machine: {machine}", ""]

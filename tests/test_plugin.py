@@ -59,48 +59,71 @@ def _data_arguments(root: Path) -> list[str]:
     ("model", "data"),
     [("MsFlow", "MultiClassMVTecAD"), ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD")],
 )
-def test_stock_anomalib_command_trains_and_tests(demo_root: Path, tmp_path: Path, model: str, data: str) -> None:
-    result = _run([
-        ANOMALIB,
-        "train",
-        "--model",
-        model,
-        "--data",
-        data,
-        *_data_arguments(demo_root),
-        *_small_model_arguments(),
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.accelerator",
-        "cpu",
-        "--default_root_dir",
-        str(tmp_path),
-    ])
+def test_stock_anomalib_command_trains_tests_and_exports(
+    demo_root: Path, tmp_path: Path, model: str, data: str
+) -> None:
+    result = _run(
+        [
+            ANOMALIB,
+            "train",
+            "--model",
+            model,
+            "--data",
+            data,
+            *_data_arguments(demo_root),
+            *_small_model_arguments(),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tables = list(tmp_path.rglob("metrics_per_category.csv"))
     assert len(tables) == 1, result.stdout[-2000:]
     table = pd.read_csv(tables[0], index_col=0)
     assert {"brick", "coffee", "mean", "pooled"} <= set(table.index)
-    checkpoints = list(tmp_path.rglob("*.ckpt"))
-    assert checkpoints
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    export_root = tmp_path / "exported"
+    result = _run(
+        [
+            ANOMALIB,
+            "export",
+            "--model",
+            model,
+            *_small_model_arguments(),
+            "--ckpt_path",
+            str(checkpoint),
+            "--export_type",
+            "openvino",
+            "--export_root",
+            str(export_root),
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (export_root / "weights" / "openvino" / "model.xml").is_file()
 
 
 def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:
     """The packaged CPU config, with the data root and a tiny budget overridden on the command line."""
-    result = _run([
-        ANOMALIB,
-        "train",
-        "--config",
-        str(CONFIGS / "model" / "ms_flow_cpu.yaml"),
-        "--data",
-        "MultiClassMVTecAD",
-        *_data_arguments(demo_root),
-        *_small_model_arguments(),
-        "--trainer.max_epochs",
-        "1",
-        "--default_root_dir",
-        str(tmp_path),
-    ])
+    result = _run(
+        [
+            ANOMALIB,
+            "train",
+            "--config",
+            str(CONFIGS / "model" / "ms_flow_cpu.yaml"),
+            "--data",
+            "MultiClassMVTecAD",
+            *_data_arguments(demo_root),
+            *_small_model_arguments(),
+            "--trainer.max_epochs",
+            "1",
+            "--default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.rglob("metrics_per_category.json"))
 

@@ -60,10 +60,11 @@ def _save_picture(path: Path, image: object, anomaly_map: object, score: float, 
     plt.close(figure)
 
 
-def build_from_config(config: Path) -> tuple[Any, Any, dict[str, Any]]:
+def build_from_config(config: Path, model_overrides: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Instantiate the ``model`` and ``data`` sections of an ``anomalib`` CLI config; return them and ``trainer``.
 
     The same parser machinery as the ``anomalib`` command, so a config means the same thing here.
+    ``model_overrides`` replace model ``init_args``; string values are read as YAML (``"[1, 2]"``).
     """
     import yaml
     from anomalib.data import AnomalibDataModule
@@ -71,6 +72,8 @@ def build_from_config(config: Path) -> tuple[Any, Any, dict[str, Any]]:
     from jsonargparse import ArgumentParser
 
     settings = yaml.safe_load(config.read_text())
+    for name, value in (model_overrides or {}).items():
+        settings["model"]["init_args"][name] = yaml.safe_load(value) if isinstance(value, str) else value
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(AnomalibModule, "model", fail_untyped=False)
     parser.add_subclass_arguments(AnomalibDataModule, "data", fail_untyped=False)

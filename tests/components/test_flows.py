@@ -14,9 +14,7 @@ def _randomize(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for parameter in module.parameters():
             if parameter.requires_grad:  # fixed permutation matrices must stay orthogonal
-                parameter.add_(
-                    0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-                )
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
 
 
 @pytest.fixture
@@ -74,7 +72,11 @@ def test_parallel_flows_log_det_matches_brute_force(parallel_flows: ParallelFlow
     _, log_jacobian = parallel_flows(features, conditions)
     for sample in range(2):
         sample_conditions = [c[sample : sample + 1] for c in conditions]
-        expected = _brute_force_log_det(lambda xs: parallel_flows(xs, sample_conditions)[0], features, sample)
+        expected = _brute_force_log_det(
+            lambda xs, cs=sample_conditions: parallel_flows(xs, cs)[0],
+            features,
+            sample,
+        )
         assert log_jacobian[sample].item() == pytest.approx(expected, abs=1e-8)
 
 

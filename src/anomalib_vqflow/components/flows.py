@@ -165,8 +165,9 @@ class FusionSubnet(nn.Module):
             nn.Conv2d(hidden_channels, mixed_channels, 3, padding=1),
             nn.ReLU(inplace=True),
         )
-        self.scale_heads = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in zip(in_channels, out_channels))
-        self.shift_heads = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in zip(in_channels, out_channels))
+        heads = list(zip(in_channels, out_channels, strict=True))
+        self.scale_heads = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in heads)
+        self.shift_heads = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in heads)
 
     def forward(
         self,
@@ -225,7 +226,12 @@ class FusionCoupling(nn.Module):
             seconds.append(permuted[:, size:])
         return firsts, seconds
 
-    def _merge(self, firsts: Sequence[torch.Tensor], seconds: Sequence[torch.Tensor], prefix: str) -> list[torch.Tensor]:
+    def _merge(
+        self,
+        firsts: Sequence[torch.Tensor],
+        seconds: Sequence[torch.Tensor],
+        prefix: str,
+    ) -> list[torch.Tensor]:
         return [
             torch.cat([first, second], dim=1)[:, getattr(self, f"{prefix}_{index}")]
             for index, (first, second) in enumerate(zip(firsts, seconds, strict=True))

@@ -135,7 +135,8 @@ def make_category_samples(root: str | Path, category: str) -> pd.DataFrame:
             if label_index == LabelName.ABNORMAL and mask_folder.is_dir():
                 mask = _find_mask(mask_folder, image_path)
                 if mask is None:
-                    msg = f"Defect image {image_path} has no mask in {mask_folder} (expected {image_path.stem}_mask.png)."
+                    expected = f"{image_path.stem}_mask.png"
+                    msg = f"Defect image {image_path} has no mask in {mask_folder} (expected {expected})."
                     raise ValueError(msg)
                 mask_path = str(mask)
             rows.append(("test", folder.name, str(image_path), mask_path, label_index))

@@ -1,5 +1,8 @@
-"""The plugin's Anomalib models. Each is a direct ``AnomalibModule`` subclass, so that
-``anomalib.models.list_models()`` and ``get_model("ms_flow")`` find it once imported."""
+"""The plugin's Anomalib models.
+
+Each is a direct ``AnomalibModule`` subclass, so that ``anomalib.models.list_models()`` and
+``get_model("ms_flow")`` find it once imported.
+"""
 
 from .msflow import MsFlow
 

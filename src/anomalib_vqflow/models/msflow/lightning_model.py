@@ -36,7 +36,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig, STEP_OUTPUT
+from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
 from anomalib_vqflow.models.base import UnifiedModelMixin
@@ -135,7 +135,7 @@ class MsFlow(UnifiedModelMixin, AnomalibModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Maximum-likelihood step on a batch of good images (categories are not read)."""
         del args, kwargs
         latents, log_jacobian = self.model(batch.image)
@@ -143,7 +143,7 @@ class MsFlow(UnifiedModelMixin, AnomalibModule):
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
