@@ -76,6 +76,8 @@ def test_training_learns_and_tests_per_category(trained: tuple[MsFlow, Engine, M
     assert table.categories == ["brick", "coffee"]
     run_folder = Path(engine.trainer.default_root_dir)
     assert (run_folder / "metrics_per_category.md").is_file()
+    # Pictures of different categories land in different folders, so none overwrites another.
+    assert sorted(p.name for p in (run_folder / "images").iterdir()) == ["brick", "coffee"]
     assert all(np.isfinite(table[c]["image_AUROC"]) for c in table.categories)
 
 
@@ -113,3 +115,16 @@ def test_openvino_matches_pytorch(trained: tuple[MsFlow, Engine, MultiClassMVTec
             actual = np.asarray(getattr(predicted, field)).squeeze()
             relative = np.abs(actual - reference).max() / max(np.abs(reference).max(), 1e-12)
             assert relative <= 1e-3, f"{field} of {image_path}: relative difference {relative:.2e}"
+
+
+def test_checkpoint_loads_without_pickled_code(trained: tuple[MsFlow, Engine, MultiClassMVTecAD]) -> None:
+    """``load_from_checkpoint`` with Anomalib's default ``weights_only=True`` predicts what the trained model did."""
+    model, engine, _ = trained
+    checkpoint = Path(engine.trainer.default_root_dir) / "weights" / "lightning" / "model.ckpt"
+    restored = MsFlow.load_from_checkpoint(checkpoint, weights_only=True).eval()
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    model.eval()
+    with torch.no_grad():
+        expected, actual = model(images), restored(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=0)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)

@@ -1,0 +1,40 @@
+"""Every packaged config parses and builds with the same machinery as the `anomalib` command."""
+
+from pathlib import Path
+
+import pytest
+from anomalib.data import AnomalibDataModule
+from anomalib.models import AnomalibModule
+
+from anomalib_vqflow.cli import CONFIG_DIR, build_from_config, config_path
+
+MODEL_CONFIGS = sorted((CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def test_repository_configs_link_to_the_packaged_ones() -> None:
+    repository_configs = Path(__file__).parents[1] / "configs"
+    assert repository_configs.resolve() == CONFIG_DIR.resolve()
+
+
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=[c.stem for c in MODEL_CONFIGS])
+def test_model_config_builds(config: Path) -> None:
+    # Paper backbones have no offline weights here; the architecture is what this test checks.
+    model, datamodule, trainer = build_from_config(config, {"pre_trained": False})
+    assert isinstance(model, AnomalibModule)
+    assert isinstance(datamodule, AnomalibDataModule)
+    assert trainer["max_epochs"] > 0
+    assert model.input_size is not None
+
+
+@pytest.mark.parametrize("name", ["ms_flow"])
+def test_every_model_has_paper_and_cpu_config(name: str) -> None:
+    paper = build_from_config(config_path(name, "paper"), {"pre_trained": False})[0]
+    cpu = build_from_config(config_path(name, "cpu"), {"pre_trained": False})[0]
+    assert tuple(paper.input_size) == (512, 512)
+    assert tuple(cpu.input_size) == (256, 256)
+    assert cpu.hparams.backbone == "tf_efficientnet_lite0"
+
+
+def test_unknown_config_lists_the_available_ones() -> None:
+    with pytest.raises(FileNotFoundError, match="ms_flow_cpu"):
+        config_path("no_such_model")
