@@ -10,6 +10,7 @@ from anomalib_vqflow.components.scoring import (
     additive_anomaly_map,
     log_likelihood_maps,
     multiplicative_anomaly_map,
+    multiplicative_image_score,
     top_k_mean,
 )
 
@@ -49,3 +50,20 @@ def test_positional_encoding_values() -> None:
     assert encoding[4, 2, 0].item() == pytest.approx(math.sin(2.0), abs=1e-7)
     assert encoding[6, 2, 1].item() == pytest.approx(math.sin(2.0 * 10000 ** (-2 / 4)), abs=1e-6)
     assert torch.equal(encoding[:4, 0], encoding[:4, 2]), "column channels do not depend on the row"
+
+
+def test_image_score_ranks_as_the_paper_score_without_saturating() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mild = [-0.5 * torch.rand(4, 1, 4, 4, generator=generator), -0.5 * torch.rand(4, 1, 2, 2, generator=generator)]
+    paper = top_k_mean(multiplicative_anomaly_map(mild, (8, 8)), 0.1)
+    stable = multiplicative_image_score(mild, (8, 8), 0.1)
+    torch.testing.assert_close(stable, -torch.log(1 - paper), rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.argsort(stable), torch.argsort(paper))
+    # Far from the image's best pixel the paper's float32 score is exactly 1 for both images;
+    # the stable form still tells them apart.
+    strong = [torch.zeros(2, 1, 4, 4)]
+    strong[0][0, 0, 0, 0] = -40.0
+    strong[0][1, 0, 0, 0] = -60.0
+    assert torch.equal(top_k_mean(multiplicative_anomaly_map(strong, (4, 4)), 1 / 16), torch.ones(2))
+    stable = multiplicative_image_score(strong, (4, 4), 1 / 16)
+    torch.testing.assert_close(stable, torch.tensor([40.0, 60.0]))

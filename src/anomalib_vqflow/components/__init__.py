@@ -9,7 +9,13 @@
 from .backbone import OFFLINE_BACKBONES, FeatureExtractor, layers_for_strides
 from .flows import ConvLayerNormSubnet, FusionCoupling, ParallelFlows, conditional_flow
 from .positional import positional_encoding_2d
-from .scoring import additive_anomaly_map, log_likelihood_maps, multiplicative_anomaly_map, top_k_mean
+from .scoring import (
+    additive_anomaly_map,
+    log_likelihood_maps,
+    multiplicative_anomaly_map,
+    multiplicative_image_score,
+    top_k_mean,
+)
 
 __all__ = [
     "OFFLINE_BACKBONES",
@@ -22,6 +28,7 @@ __all__ = [
     "layers_for_strides",
     "log_likelihood_maps",
     "multiplicative_anomaly_map",
+    "multiplicative_image_score",
     "positional_encoding_2d",
     "top_k_mean",
 ]

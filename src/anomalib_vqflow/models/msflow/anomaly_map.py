@@ -22,7 +22,7 @@ from anomalib_vqflow.components.scoring import (
     additive_anomaly_map,
     log_likelihood_maps,
     multiplicative_anomaly_map,
-    top_k_mean,
+    multiplicative_image_score,
 )
 
 
@@ -34,7 +34,7 @@ class AnomalyMapMode(str, Enum):
 
 
 class AnomalyMapGenerator(nn.Module):
-    """Turn latents into the image score (top-k mean of the multiplicative map) and the anomaly map.
+    """Turn latents into the image score (top-k mean of the multiplicative map, log form) and the anomaly map.
 
     Args:
         top_k: Share of pixels averaged for the image score (MSFlow: 0.03).
@@ -52,8 +52,7 @@ class AnomalyMapGenerator(nn.Module):
     def forward(self, latents: Sequence[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(pred_score (N,), anomaly_map (N, 1, H, W))`` at image size ``size``."""
         log_likelihoods = log_likelihood_maps(latents)
-        detection_map = multiplicative_anomaly_map(log_likelihoods, size)
-        pred_score = top_k_mean(detection_map, self.top_k)
+        pred_score = multiplicative_image_score(log_likelihoods, size, self.top_k)
         if self.mode == AnomalyMapMode.MUL:
-            return pred_score, detection_map
+            return pred_score, multiplicative_anomaly_map(log_likelihoods, size)
         return pred_score, additive_anomaly_map(log_likelihoods, size)
