@@ -19,6 +19,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -38,7 +39,15 @@ class _PluginLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        importlib.import_module(PLUGIN_MODULE)
+        try:
+            importlib.import_module(PLUGIN_MODULE)
+        except Exception as error:
+            warnings.warn(
+                f"anomalib-vqflow could not be loaded ({error!r}); its short names are unavailable. "
+                f"Set {DISABLE_VARIABLE}=0 to stop trying.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 class _AutoloadFinder(importlib.abc.MetaPathFinder):

@@ -26,6 +26,7 @@ def test_demo_trains_tests_exports_and_scores(tmp_path: Path) -> None:
         env=environment,
         timeout=900,
         check=False,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_folder,) = (tmp_path / "results" / "MsFlow" / "demo" / "unified").glob("v*")
@@ -34,6 +35,7 @@ def test_demo_trains_tests_exports_and_scores(tmp_path: Path) -> None:
     printed_rows = [line.split()[0] for line in result.stdout.splitlines() if line.split()]
     assert {"brick", "coffee", "coins", "gravel", "mean", "pooled"} <= set(printed_rows), "table printed"
     assert (run_folder / "weights" / "openvino" / "model.xml").is_file()
+    assert not (tmp_path / "openvino_cache").exists(), "OpenVINO's cache belongs in the run folder"
     pictures = sorted((run_folder / "openvino_pictures").glob("*.png"))
     assert len(pictures) == 8
     assert {p.name.split("_")[0] for p in pictures} == {"brick", "coffee", "coins", "gravel"}

@@ -17,6 +17,7 @@ plugin's models and datamodules by their short names::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,12 +104,19 @@ def run_demo(output: Path, model_name: str = "ms_flow", max_epochs: int | None =
 
     exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=run_folder)
     print(f"OpenVINO model: {exported}")
-    # f32 so that the scores match PyTorch's; OpenVINO picks bf16 on CPUs that have it.
-    inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
     picture_folder = run_folder / "openvino_pictures"
     picture_folder.mkdir(parents=True, exist_ok=True)
     samples = datamodule.test_data.samples
-    defects = samples[samples.label_index == 1].groupby("category").head(max(num_pictures // 4, 1))
+    per_category = max(num_pictures // samples.category.nunique(), 1)
+    defects = samples[samples.label_index == 1].groupby("category").head(per_category)
+    # Anomalib's OpenVINOInferencer writes its compiled-model cache to ./openvino_cache: keep it in the run folder.
+    working_folder = Path.cwd()
+    os.chdir(run_folder)
+    try:
+        # f32 so that the scores match PyTorch's; OpenVINO picks bf16 on CPUs that have it.
+        inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    finally:
+        os.chdir(working_folder)
     for sample in defects.head(num_pictures).itertuples():
         prediction = inferencer.predict(sample.image_path)
         image = np.asarray(Image.open(sample.image_path).convert("RGB"))

@@ -136,3 +136,23 @@ def test_visa_reads_the_split_folder(tmp_path: Path) -> None:
     datamodule.setup()
     assert datamodule.categories == ["candle"]
     assert torch.is_tensor(datamodule.test_data[0].image)
+
+
+def test_requested_category_without_training_images_names_train_good(root: Path) -> None:
+    (root / "gamma" / "test" / "good").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=str(root / "gamma" / "train" / "good")):
+        MultiClassMVTecAD(root=root, categories=["gamma"]).setup()
+
+
+def test_partly_annotated_category_gets_image_metrics_only(root: Path) -> None:
+    # A second defect type without ground truth: its defect pixels must not count as normal ones.
+    for index in range(2):
+        _write_image(root / "alpha" / "test" / "hole" / f"{index:03d}.png", 50)
+    samples = MultiClassDataset(root, ["alpha"], split="test").samples
+    assert (samples.mask_path == "").all()
+    assert samples.label_index.sum() == 4
+
+
+def test_unknown_visa_category_fails_before_any_download(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"Unknown VisA categories \['candles'\]"):
+        MultiClassVisa(root=tmp_path, categories=["candles"]).prepare_data()

@@ -7,6 +7,9 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
+from anomalib.metrics.aupro import _AUPRO
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from anomalib_vqflow.evaluation.metrics import aupro, auroc, average_precision, f1_max
 from anomalib_vqflow.evaluation.per_category import MetricsTable, compute_metrics_table
@@ -174,3 +177,34 @@ def test_terminal_rendering_is_fixed_width(table):
     assert len({len(line) for line in data_lines}) == 1
     assert [line.split()[0] for line in data_lines[1:]] == list(table.rows)
     assert "n/a" in next(line for line in lines if line.startswith("zipper"))
+
+
+def _f1_max_by_sklearn(scores: np.ndarray, labels: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    return float(np.nanmax(f1))
+
+
+def _aupro_by_anomalib(maps: np.ndarray, masks: np.ndarray) -> float:
+    metric = _AUPRO(fpr_limit=0.3)
+    metric.update(torch.from_numpy(maps), torch.from_numpy(masks.astype(np.int64)))
+    return float(metric.compute())
+
+
+def test_every_cell_against_other_implementations(data, table):
+    """sklearn for AUROC, AP and F1-max, Anomalib's own AUPRO: implementations that share no code with ours."""
+    names = np.array(data["categories"])
+    groups = {"bottle": names == "bottle", "cable": names == "cable", "pooled": np.ones(len(names), dtype=bool)}
+    for row, members in groups.items():
+        scores, labels = data["scores"][members], data["labels"][members]
+        assert table[row]["image_AUROC"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert table[row]["image_AP"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        assert table[row]["image_F1max"] == pytest.approx(_f1_max_by_sklearn(scores, labels), abs=1e-12)
+        annotated = members & (names != "zipper")
+        maps, masks = data["maps"][annotated], data["masks"][annotated]
+        flat_maps, flat_masks = maps.ravel().astype(np.float64), masks.ravel()
+        assert table[row]["pixel_AUROC"] == pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-12)
+        assert table[row]["pixel_AP"] == pytest.approx(average_precision_score(flat_masks, flat_maps), abs=1e-12)
+        assert table[row]["pixel_F1max"] == pytest.approx(_f1_max_by_sklearn(flat_maps, flat_masks), abs=1e-12)
+        assert table[row]["AUPRO"] == pytest.approx(_aupro_by_anomalib(maps, masks), abs=1e-5)

@@ -2,8 +2,9 @@
 
 MSFlow conditions each parallel flow on where a feature sits in the image: half of the
 channels encode the column, half the row, with the sine/cosine frequencies of the
-Transformer (base 10^4). The encoding depends only on the map size, so models compute
-it once per size and broadcast it over the batch.
+Transformer (base 10^4). The encoding depends only on the map size and is broadcast over
+the batch; it is a few sines per pixel, cheap next to the flows, and computing it in the
+forward pass keeps exported models free of size-specific buffers.
 
 Example:
     >>> encoding = positional_encoding_2d(channels=8, height=4, width=6)

@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -118,6 +120,26 @@ def default_demo_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
     return cache / "anomalib_vqflow" / "demo"
+
+
+def demo_root_for(**generation: Any) -> Path:
+    """Cache folder of the demo data set with these :func:`generate_demo_dataset` parameters.
+
+    The default parameters use :func:`default_demo_root`; any other set gets a sibling folder
+    named after a digest of its parameters, so several sets live side by side in the cache.
+
+    >>> demo_root_for().name, demo_root_for(image_size=64).name
+    ('demo', 'demo-4cc97b16')
+    """
+    base = default_demo_root()
+    signature = inspect.signature(generate_demo_dataset).parameters
+    default_values = {name: parameter.default for name, parameter in signature.items() if name != "root"}
+    defaults = _parameters(**default_values)
+    params = _parameters(**{**default_values, **generation})
+    if params == defaults:
+        return base
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return base.with_name(f"{base.name}-{digest}")
 
 
 def generate_demo_dataset(
@@ -502,8 +524,7 @@ class DemoMultiClass(MultiClassMVTecAD):
         **kwargs: Any,
     ) -> None:
         demo_categories = list(categories or DEMO_CATEGORIES)
-        super().__init__(root=root or default_demo_root(), categories=demo_categories, **kwargs)
-        self._generation = {
+        generation = {
             "categories": demo_categories,
             "image_size": image_size,
             "num_train": num_train,
@@ -511,6 +532,8 @@ class DemoMultiClass(MultiClassMVTecAD):
             "num_test_defect": num_test_defect,
             "seed": generator_seed,
         }
+        super().__init__(root=root or demo_root_for(**generation), categories=demo_categories, **kwargs)
+        self._generation = generation
 
     def prepare_data(self) -> None:
         """Generate the data set unless the cache already holds it (a few seconds)."""

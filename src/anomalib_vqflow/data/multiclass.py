@@ -13,7 +13,9 @@ do, and their tests check it.
 Compared with Anomalib's ``MVTecAD`` loader, the sample builder here also:
 
 - accepts categories whose defect images have no masks (image-level labels only); their
-  defect images get empty masks and the evaluator gives them image metrics only;
+  defect images get empty masks and the evaluator gives them image metrics only (also when
+  only some defect folders of a category are annotated: the others would count as normal
+  pixels);
 - fails with one clear error naming the path for an empty root, an unknown category, a
   category without ``train/good``, a defect image without its mask, or an unreadable file;
 - defaults to a validation split taken from the good *training* images
@@ -142,6 +144,17 @@ def make_category_samples(root: str | Path, category: str) -> pd.DataFrame:
             rows.append(("test", folder.name, str(image_path), mask_path, label_index))
 
     samples = pd.DataFrame(rows, columns=["split", "label", "image_path", "mask_path", "label_index"])
+    defects = samples[samples.label_index == LabelName.ABNORMAL]
+    unannotated = sorted(set(defects.label[defects.mask_path == ""]))
+    if unannotated and (defects.mask_path != "").any():
+        # Unannotated defect pixels would count as normal ones and bias the category's pixel metrics.
+        logger.warning(
+            "Category %r: defect folders %s have no masks in %s; the category gets image metrics only.",
+            category,
+            unannotated,
+            category_root / "ground_truth",
+        )
+        samples["mask_path"] = ""
     samples.insert(0, "path", str(category_root))
     samples["category"] = category
     samples["label_index"] = samples["label_index"].astype(int)
@@ -168,7 +181,6 @@ class MultiClassDataset(AnomalibDataset):
         super().__init__(augmentations=augmentations)
         self.root = Path(root)
         self.categories = list(categories)
-        self.split = split
         samples = pd.concat([make_category_samples(self.root, c) for c in self.categories], ignore_index=True)
         if split is not None:
             split_value = split.value if isinstance(split, Split) else split
@@ -301,11 +313,12 @@ class MultiClassMVTecAD(AnomalibDataModule):
     @property
     def categories(self) -> list[str]:
         """The categories this datamodule loads, checked against the folder."""
-        available = discover_categories(self.data_root)
         if self._requested_categories is None:
-            return available
-        unknown = [c for c in self._requested_categories if c not in available]
+            return discover_categories(self.data_root)
+        # A requested folder without train/good is reported by the sample builder, which names that path.
+        unknown = [c for c in self._requested_categories if not (self.data_root / c).is_dir()]
         if unknown:
+            available = discover_categories(self.data_root)
             msg = f"Unknown categories {unknown} under {self.data_root}; available: {available}."
             raise FileNotFoundError(msg)
         return self._requested_categories
@@ -346,6 +359,11 @@ class MultiClassVisa(MultiClassMVTecAD):
     def prepare_data(self) -> None:
         """Download VisA and apply Anomalib's split where it has not been done yet."""
         from anomalib.data import Visa
+        from anomalib.data.datasets.image.visa import CATEGORIES
 
-        for category in self._requested_categories or ["candle"]:
+        unknown = sorted(set(self._requested_categories or []) - set(CATEGORIES))
+        if unknown:
+            msg = f"Unknown VisA categories {unknown}; VisA has {list(CATEGORIES)}."
+            raise ValueError(msg)
+        for category in self._requested_categories or [CATEGORIES[0]]:
             Visa(root=self.root, category=category).prepare_data()

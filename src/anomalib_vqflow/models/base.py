@@ -16,6 +16,8 @@ Example:
 """
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from anomalib.metrics import Evaluator
 from lightning.pytorch import Callback
@@ -35,6 +37,19 @@ class UnifiedModelMixin:
     def configure_evaluator() -> Evaluator:
         """Per-category and pooled metrics from raw scores (see ``anomalib_vqflow.evaluation``)."""
         return UnifiedEvaluator()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """Restore a model without fetching backbone weights: the checkpoint already holds them.
+
+        The saved hyperparameters say ``pre_trained=True``; rebuilding with them would download
+        the backbone (or read a ``backbone_weights`` file that may be gone) only to overwrite it
+        with the checkpoint's copy, and fails offline. Anomalib's ``export``, ``predict`` and
+        ``test`` with ``ckpt_path`` go through here.
+        """
+        kwargs.setdefault("pre_trained", False)
+        kwargs.setdefault("backbone_weights", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
     def configure_callbacks(self) -> Sequence[Callback]:
         """Anomalib's components, with the evaluator ahead of the post-processor."""
