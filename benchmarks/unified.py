@@ -52,9 +52,12 @@ def combined_root(roots: list[Path], categories: list[str] | None, folder: Path)
     return folder
 
 
-def peak_memory_mib() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory_mib() -> tuple[float, float]:
+    """Peak resident memory so far, in MiB: of this process, and of its largest finished child (data workers)."""
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    )
 
 
 def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_epochs: int | None) -> dict[str, Any]:
@@ -80,6 +83,7 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
     test_seconds = time.perf_counter() - start
     table = model.evaluator.table
     table.write(output / name)
+    main_process, largest_worker = peak_memory_mib()
     return {
         "model": name,
         "config": str(config.relative_to(config.parents[2])),
@@ -89,7 +93,8 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
         "test_images": len(datamodule.test_data),
         "fit_seconds": round(fit_seconds, 1),
         "test_images_per_second": round(len(datamodule.test_data) / test_seconds, 2),
-        "peak_rss_mib": round(peak_memory_mib(), 1),
+        "peak_rss_main_process_mib": round(main_process, 1),
+        "peak_rss_largest_data_worker_mib": round(largest_worker, 1),
         "table": table.to_markdown(),
     }
 
