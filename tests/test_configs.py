@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from anomalib.data import AnomalibDataModule
 from anomalib.models import AnomalibModule
+from jsonargparse import ArgumentParser
 
 from anomalib_vqflow.cli import CONFIG_DIR, build_from_config, config_path
 
@@ -38,3 +40,16 @@ def test_every_model_has_paper_and_cpu_config(name: str) -> None:
 def test_unknown_config_lists_the_available_ones() -> None:
     with pytest.raises(FileNotFoundError, match="ms_flow_cpu"):
         config_path("no_such_model")
+
+
+DATA_CONFIGS = sorted((CONFIG_DIR / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", DATA_CONFIGS, ids=[c.stem for c in DATA_CONFIGS])
+def test_data_config_builds(config: Path) -> None:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(AnomalibDataModule, "data", fail_untyped=False)
+    parsed = parser.parse_object({"data": yaml.safe_load(config.read_text())})
+    datamodule = parser.instantiate_classes(parsed).data
+    assert isinstance(datamodule, AnomalibDataModule)
+    assert datamodule.val_split_mode == "from_train", "validation must come from good training images"
