@@ -8,6 +8,7 @@ import torch
 from anomalib_vqflow.components.positional import positional_encoding_2d
 from anomalib_vqflow.components.scoring import (
     additive_anomaly_map,
+    joint_log_likelihood,
     log_likelihood_maps,
     multiplicative_anomaly_map,
     multiplicative_image_score,
@@ -26,7 +27,7 @@ def test_maps_by_hand_on_one_scale() -> None:
     additive = additive_anomaly_map([log_likelihood], (2, 2))
     expected_likelihood = torch.exp(log_likelihood)  # max is 0 already
     torch.testing.assert_close(additive, 1.0 - expected_likelihood)
-    multiplicative = multiplicative_anomaly_map([log_likelihood, log_likelihood], (2, 2))
+    multiplicative = multiplicative_anomaly_map(joint_log_likelihood([log_likelihood, log_likelihood], (2, 2)))
     torch.testing.assert_close(multiplicative, 1.0 - torch.exp(2 * log_likelihood))
 
 
@@ -55,8 +56,9 @@ def test_positional_encoding_values() -> None:
 def test_image_score_ranks_as_the_paper_score_without_saturating() -> None:
     generator = torch.Generator().manual_seed(0)
     mild = [-0.5 * torch.rand(4, 1, 4, 4, generator=generator), -0.5 * torch.rand(4, 1, 2, 2, generator=generator)]
-    paper = top_k_mean(multiplicative_anomaly_map(mild, (8, 8)), 0.1)
-    stable = multiplicative_image_score(mild, (8, 8), 0.1)
+    joint = joint_log_likelihood(mild, (8, 8))
+    paper = top_k_mean(multiplicative_anomaly_map(joint), 0.1)
+    stable = multiplicative_image_score(joint, 0.1)
     torch.testing.assert_close(stable, -torch.log(1 - paper), rtol=1e-4, atol=1e-5)
     assert torch.equal(torch.argsort(stable), torch.argsort(paper))
     # Far from the image's best pixel the paper's float32 score is exactly 1 for both images;
@@ -64,6 +66,7 @@ def test_image_score_ranks_as_the_paper_score_without_saturating() -> None:
     strong = [torch.zeros(2, 1, 4, 4)]
     strong[0][0, 0, 0, 0] = -40.0
     strong[0][1, 0, 0, 0] = -60.0
-    assert torch.equal(top_k_mean(multiplicative_anomaly_map(strong, (4, 4)), 1 / 16), torch.ones(2))
-    stable = multiplicative_image_score(strong, (4, 4), 1 / 16)
+    joint = joint_log_likelihood(strong, (4, 4))
+    assert torch.equal(top_k_mean(multiplicative_anomaly_map(joint), 1 / 16), torch.ones(2))
+    stable = multiplicative_image_score(joint, 1 / 16)
     torch.testing.assert_close(stable, torch.tensor([40.0, 60.0]))

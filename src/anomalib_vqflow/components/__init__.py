@@ -11,6 +11,7 @@ from .flows import ConvLayerNormSubnet, FusionCoupling, ParallelFlows, condition
 from .positional import positional_encoding_2d
 from .scoring import (
     additive_anomaly_map,
+    joint_log_likelihood,
     log_likelihood_maps,
     multiplicative_anomaly_map,
     multiplicative_image_score,
@@ -25,6 +26,7 @@ __all__ = [
     "ParallelFlows",
     "additive_anomaly_map",
     "conditional_flow",
+    "joint_log_likelihood",
     "layers_for_strides",
     "log_likelihood_maps",
     "multiplicative_anomaly_map",

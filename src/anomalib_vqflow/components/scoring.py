@@ -19,7 +19,7 @@ Example:
     >>> log_likelihoods = log_likelihood_maps(latents)
     >>> additive_anomaly_map(log_likelihoods, (32, 32)).shape
     torch.Size([2, 1, 32, 32])
-    >>> score = multiplicative_image_score(log_likelihoods, (32, 32), top_k=0.03)
+    >>> score = multiplicative_image_score(joint_log_likelihood(log_likelihoods, (32, 32)), top_k=0.03)
     >>> score.shape
     torch.Size([2])
 """
@@ -50,9 +50,13 @@ def additive_anomaly_map(log_likelihoods: Sequence[torch.Tensor], size: tuple[in
     return _image_max(likelihood) - likelihood
 
 
-def multiplicative_anomaly_map(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Product over scales of the likelihoods, normalised per image, as ``1 - P`` in ``[0, 1]``."""
-    joint = sum(_upsample(lp, size) for lp in log_likelihoods)
+def joint_log_likelihood(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Sum over scales of the upsampled log-likelihoods (the log of their product), ``(N, 1, H, W)``."""
+    return sum(_upsample(lp, size) for lp in log_likelihoods)
+
+
+def multiplicative_anomaly_map(joint: torch.Tensor) -> torch.Tensor:
+    """Normalise the joint likelihood per image, ``P = exp(joint - max)``, and return ``1 - P`` in ``[0, 1]``."""
     return 1.0 - torch.exp(joint - _image_max(joint))
 
 
@@ -66,11 +70,7 @@ def top_k_mean(anomaly_map: torch.Tensor, top_k: float) -> torch.Tensor:
     return flat.topk(_top_k_count(flat.shape[1], top_k), dim=1).values.mean(dim=1)
 
 
-def multiplicative_image_score(
-    log_likelihoods: Sequence[torch.Tensor],
-    size: tuple[int, int],
-    top_k: float,
-) -> torch.Tensor:
+def multiplicative_image_score(joint: torch.Tensor, top_k: float) -> torch.Tensor:
     """MSFlow's image score, ``top_k_mean(multiplicative_anomaly_map)``, as ``-log(1 - score)``, computed stably.
 
     With ``P = exp(joint - max_image(joint))``, the paper's score is ``1 - mean(P over the k
@@ -80,7 +80,6 @@ def multiplicative_image_score(
     strictly increasing function of the paper's score (same ranking, same AUROC, AP and
     F1-max) that keeps its resolution.
     """
-    joint = sum(_upsample(lp, size) for lp in log_likelihoods)
     relative = (joint - _image_max(joint)).flatten(start_dim=1)
     k = _top_k_count(relative.shape[1], top_k)
     lowest = -(-relative).topk(k, dim=1).values

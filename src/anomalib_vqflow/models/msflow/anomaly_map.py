@@ -20,6 +20,7 @@ from torch import nn
 
 from anomalib_vqflow.components.scoring import (
     additive_anomaly_map,
+    joint_log_likelihood,
     log_likelihood_maps,
     multiplicative_anomaly_map,
     multiplicative_image_score,
@@ -52,7 +53,8 @@ class AnomalyMapGenerator(nn.Module):
     def forward(self, latents: Sequence[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(pred_score (N,), anomaly_map (N, 1, H, W))`` at image size ``size``."""
         log_likelihoods = log_likelihood_maps(latents)
-        pred_score = multiplicative_image_score(log_likelihoods, size, self.top_k)
+        joint = joint_log_likelihood(log_likelihoods, size)
+        pred_score = multiplicative_image_score(joint, self.top_k)
         if self.mode == AnomalyMapMode.MUL:
-            return pred_score, multiplicative_anomaly_map(log_likelihoods, size)
+            return pred_score, multiplicative_anomaly_map(joint)
         return pred_score, additive_anomaly_map(log_likelihoods, size)
