@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 from anomalib.data.utils import read_image
-from anomalib.deploy import ExportType, OpenVINOInferencer
+from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 from torchvision.transforms.v2.functional import resize
 
-from anomalib_vqflow.cli import build_from_config, config_path
+from anomalib_vqflow.cli import build_from_config, config_path, openvino_inferencer
 from anomalib_vqflow.evaluation import auroc
 
 
@@ -55,7 +56,7 @@ def main() -> int:
         # Raw outputs on both sides: the post-processor's clamping to [0, 1] would hide differences.
         model.post_processor = None
         exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=folder)
-        inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+        inferencer = openvino_inferencer(exported, cache_folder=Path(folder))
         model.eval()
         rows = {"input size": [], "native size": []}
         scores = {"torch": [], "openvino native": []}

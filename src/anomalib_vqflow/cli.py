@@ -61,6 +61,22 @@ def _save_picture(path: Path, image: object, anomaly_map: object, score: float, 
     plt.close(figure)
 
 
+def openvino_inferencer(exported: Path, cache_folder: Path) -> Any:
+    """Anomalib's ``OpenVINOInferencer`` on the CPU in f32, with its compiled-model cache in ``cache_folder``.
+
+    f32 so that scores match PyTorch's (OpenVINO picks bf16 on CPUs that have it). The
+    inferencer writes its cache to ``./openvino_cache``, so it is created from ``cache_folder``.
+    """
+    from anomalib.deploy import OpenVINOInferencer
+
+    working_folder = Path.cwd()
+    os.chdir(cache_folder)
+    try:
+        return OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    finally:
+        os.chdir(working_folder)
+
+
 def build_from_config(config: Path, model_overrides: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Instantiate the ``model`` and ``data`` sections of an ``anomalib`` CLI config; return them and ``trainer``.
 
@@ -87,7 +103,7 @@ def run_demo(output: Path, model_name: str = "ms_flow", max_epochs: int | None =
     """Train, test, export and score on the demo data with the model's CPU config; return the run folder."""
     import numpy as np
     import yaml
-    from anomalib.deploy import ExportType, OpenVINOInferencer
+    from anomalib.deploy import ExportType
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
     from PIL import Image
@@ -109,14 +125,7 @@ def run_demo(output: Path, model_name: str = "ms_flow", max_epochs: int | None =
     samples = datamodule.test_data.samples
     per_category = max(num_pictures // samples.category.nunique(), 1)
     defects = samples[samples.label_index == 1].groupby("category").head(per_category)
-    # Anomalib's OpenVINOInferencer writes its compiled-model cache to ./openvino_cache: keep it in the run folder.
-    working_folder = Path.cwd()
-    os.chdir(run_folder)
-    try:
-        # f32 so that the scores match PyTorch's; OpenVINO picks bf16 on CPUs that have it.
-        inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
-    finally:
-        os.chdir(working_folder)
+    inferencer = openvino_inferencer(exported, cache_folder=run_folder)
     for sample in defects.head(num_pictures).itertuples():
         prediction = inferencer.predict(sample.image_path)
         image = np.asarray(Image.open(sample.image_path).convert("RGB"))

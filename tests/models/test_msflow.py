@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.deploy import ExportType, OpenVINOInferencer
+from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
+from anomalib_vqflow.cli import openvino_inferencer
 from anomalib_vqflow.data import MultiClassMVTecAD
 from anomalib_vqflow.models import MsFlow
 from anomalib_vqflow.models.msflow.loss import MsFlowLoss
@@ -81,7 +82,6 @@ def _training_loss(model: MsFlow, datamodule: MultiClassMVTecAD) -> float:
 
 
 def test_training_lowers_the_loss_and_tests_per_category(
-    demo_root: Path,
     trained: tuple[MsFlow, Engine, MultiClassMVTecAD],
 ) -> None:
     model, engine, datamodule = trained
@@ -115,7 +115,6 @@ def test_scores_do_not_depend_on_categories(trained: tuple[MsFlow, Engine, Multi
 def test_openvino_matches_pytorch(
     trained: tuple[MsFlow, Engine, MultiClassMVTecAD],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     post_processed: bool,
 ) -> None:
     """Exported model vs PyTorch on images already at the input size, with and without the post-processor.
@@ -124,12 +123,11 @@ def test_openvino_matches_pytorch(
     Relative difference: max |openvino - torch| divided by the max |torch| of the same output.
     """
     trained_model, engine, datamodule = trained
-    monkeypatch.chdir(tmp_path)  # Anomalib's OpenVINOInferencer writes ./openvino_cache
     model = copy.deepcopy(trained_model).eval()
     if not post_processed:
         model.post_processor = None
     exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path)
-    inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    inferencer = openvino_inferencer(exported, cache_folder=tmp_path)
     samples = datamodule.test_data.samples
     raw_scores = []
     for index in range(0, len(samples), max(len(samples) // 6, 1)):
