@@ -12,6 +12,8 @@ is left out at test time, as in the official code). Two aggregations follow:
   float32 saturation at 1.0.
 
 All normalisation is per image, so the scores never depend on other test images.
+:class:`AnomalyMapGenerator` ties the two together and picks which map becomes Anomalib's
+``anomaly_map``.
 
 Example:
     >>> import torch
@@ -26,9 +28,11 @@ Example:
 
 import math
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch import nn
 
 
 def log_likelihood_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -84,3 +88,36 @@ def multiplicative_image_score(joint: torch.Tensor, top_k: float) -> torch.Tenso
     k = _top_k_count(relative.shape[1], top_k)
     lowest = -(-relative).topk(k, dim=1).values
     return math.log(k) - torch.logsumexp(lowest, dim=1)
+
+
+class AnomalyMapMode(str, Enum):
+    """Which aggregation of the scales becomes ``anomaly_map``: MSFlow localizes with ``add``."""
+
+    ADD = "add"
+    MUL = "mul"
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Turn latents into the image score (top-k mean of the multiplicative map, log form) and the anomaly map.
+
+    Args:
+        top_k: Share of pixels averaged for the image score (MSFlow: 0.03).
+        mode: Aggregation used for ``anomaly_map``: ``"add"`` (MSFlow's localization map) or ``"mul"``.
+    """
+
+    def __init__(self, top_k: float = 0.03, mode: AnomalyMapMode | str = AnomalyMapMode.ADD) -> None:
+        super().__init__()
+        if not 0.0 < top_k <= 1.0:
+            msg = f"top_k is a share of pixels in (0, 1], got top_k={top_k}."
+            raise ValueError(msg)
+        self.top_k = top_k
+        self.mode = AnomalyMapMode(mode)
+
+    def forward(self, latents: Sequence[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(pred_score (N,), anomaly_map (N, 1, H, W))`` at image size ``size``."""
+        log_likelihoods = log_likelihood_maps(latents)
+        joint = joint_log_likelihood(log_likelihoods, size)
+        pred_score = multiplicative_image_score(joint, self.top_k)
+        if self.mode == AnomalyMapMode.MUL:
+            return pred_score, multiplicative_anomaly_map(joint)
+        return pred_score, additive_anomaly_map(log_likelihoods, size)

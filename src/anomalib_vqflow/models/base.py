@@ -1,5 +1,9 @@
 """What every plugin model shares on top of Anomalib's ``AnomalibModule``.
 
+:class:`FlowTrainingMixin` is the training recipe of the multi-scale flows (MSFlow and
+VQ-Flow): Adam on the trainable parameters with a linear warm-up from 0.1x and a step
+decay, stepped per epoch, gradient norm clipped at 2, no sanity validation.
+
 :class:`UnifiedModelMixin` gives a model the per-category evaluator and puts it *before*
 Anomalib's post-processor in the callback list. The post-processor normalises scores in
 place and clamps them to ``[0, 1]``, which turns distinct raw scores into ties; metrics
@@ -19,8 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 
 from anomalib_vqflow.evaluation import UnifiedEvaluator
 
@@ -55,3 +63,51 @@ class UnifiedModelMixin:
         """Anomalib's components, with the evaluator ahead of the post-processor."""
         components = (self.pre_processor, self.evaluator, self.post_processor, self.visualizer)
         return [component for component in components if isinstance(component, Callback)]
+
+
+def warmup_multistep_factor(epoch: int, warmup_epochs: int, milestones: Sequence[int], gamma: float) -> float:
+    """Learning-rate factor at ``epoch``: linear warm-up from 0.1, then a step decay by ``gamma`` at each milestone.
+
+    >>> [round(warmup_multistep_factor(e, 2, [3], 0.5), 2) for e in range(5)]
+    [0.1, 0.55, 1.0, 0.5, 0.5]
+    """
+    warmup = 0.1 + 0.9 * epoch / warmup_epochs if epoch < warmup_epochs else 1.0
+    return warmup * gamma ** sum(epoch >= milestone for milestone in milestones)
+
+
+class FlowTrainingMixin:
+    """Optimiser, schedule, validation step and trainer settings of the multi-scale flow models.
+
+    The model sets ``model`` (its torch model), ``lr``, ``warmup_epochs``, ``lr_milestones``
+    and ``lr_gamma``.
+    """
+
+    model: torch.nn.Module
+    lr: float
+    warmup_epochs: int
+    lr_milestones: list[int]
+    lr_gamma: float
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """Adam on the trainable parameters (the backbone is frozen), warm-up then step decay, stepped per epoch."""
+        optimizer = torch.optim.Adam((p for p in self.model.parameters() if p.requires_grad), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda epoch: warmup_multistep_factor(epoch, self.warmup_epochs, self.lr_milestones, self.lr_gamma),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Clip the gradient norm at 2 as the papers do; no sanity validation."""
+        return {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """The flows learn from good images only."""
+        return LearningType.ONE_CLASS

@@ -28,34 +28,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
-from anomalib_vqflow.models.base import UnifiedModelMixin
+from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin
 
 from .loss import MsFlowLoss
 from .torch_model import MsFlowModel
 
 
-def warmup_multistep_factor(epoch: int, warmup_epochs: int, milestones: Sequence[int], gamma: float) -> float:
-    """Learning-rate factor at ``epoch``: linear warm-up from 0.1, then a step decay by ``gamma`` at each milestone.
-
-    >>> [round(warmup_multistep_factor(e, 2, [3], 0.5), 2) for e in range(5)]
-    [0.1, 0.55, 1.0, 0.5, 0.5]
-    """
-    warmup = 0.1 + 0.9 * epoch / warmup_epochs if epoch < warmup_epochs else 1.0
-    return warmup * gamma ** sum(epoch >= milestone for milestone in milestones)
-
-
-class MsFlow(UnifiedModelMixin, AnomalibModule):
+class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
     """MSFlow for unified multi-class anomaly detection.
 
     Args:
@@ -126,15 +114,6 @@ class MsFlow(UnifiedModelMixin, AnomalibModule):
         """Resize to ``image_size`` (paper: 512 x 512) and normalise with ImageNet statistics."""
         return AnomalibModule.configure_pre_processor(image_size=image_size or (512, 512))
 
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """Adam on the flows (the backbone is frozen), warm-up then step decay, stepped per epoch."""
-        optimizer = torch.optim.Adam((p for p in self.model.parameters() if p.requires_grad), lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda epoch: warmup_multistep_factor(epoch, self.warmup_epochs, self.lr_milestones, self.lr_gamma),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Maximum-likelihood step on a batch of good images (categories are not read)."""
         del args, kwargs
@@ -142,18 +121,3 @@ class MsFlow(UnifiedModelMixin, AnomalibModule):
         loss = self.loss(latents, log_jacobian)
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
-
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
-        del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Clip the gradient norm at 2 as the paper does; no sanity validation."""
-        return {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """MSFlow learns from good images only."""
-        return LearningType.ONE_CLASS
