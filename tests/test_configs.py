@@ -28,11 +28,11 @@ def test_model_config_builds(config: Path) -> None:
     assert model.input_size is not None
 
 
-@pytest.mark.parametrize("name", ["ms_flow"])
-def test_every_model_has_paper_and_cpu_config(name: str) -> None:
+@pytest.mark.parametrize(("name", "paper_size"), [("ms_flow", 512), ("vq_flow", 384)])
+def test_every_model_has_paper_and_cpu_config(name: str, paper_size: int) -> None:
     paper = build_from_config(config_path(name, "paper"), {"pre_trained": False})[0]
     cpu = build_from_config(config_path(name, "cpu"), {"pre_trained": False})[0]
-    assert tuple(paper.input_size) == (512, 512)
+    assert tuple(paper.input_size) == (paper_size, paper_size)
     assert tuple(cpu.input_size) == (256, 256)
     assert cpu.hparams.backbone == "tf_efficientnet_lite0"
 

@@ -10,7 +10,7 @@ import pytest
 from anomalib.models import get_model, list_models
 
 import anomalib_vqflow
-from anomalib_vqflow.models import MsFlow
+from anomalib_vqflow.models import MsFlow, VqFlow
 
 ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 CONFIGS = Path(anomalib_vqflow.__file__).parent / "configs"
@@ -22,9 +22,11 @@ def _run(arguments: list[str], env: dict[str, str] | None = None) -> subprocess.
 
 
 def test_list_models_and_get_model_see_the_plugin() -> None:
-    assert "ms_flow" in list_models()
+    assert {"ms_flow", "vq_flow"} <= set(list_models())
     model = get_model("ms_flow", backbone="tf_efficientnet_lite0", num_blocks=[1, 1, 1], condition_channels=8)
     assert isinstance(model, MsFlow)
+    model = get_model("vq_flow", backbone="tf_efficientnet_lite0", num_blocks=[1, 1, 1], prototype_channels=8)
+    assert isinstance(model, VqFlow)
 
 
 def test_autoload_hook_imports_nothing_heavy() -> None:
@@ -40,14 +42,29 @@ def test_autoload_can_be_switched_off() -> None:
     assert result.stdout.split()[-1] == "False", result.stderr
 
 
-def _small_model_arguments() -> list[str]:
+SMALL_MODEL_ARGUMENTS = {
+    "MsFlow": ["--model.condition_channels", "8"],
+    "VqFlow": [
+        "--model.num_prototypes",
+        "4",
+        "--model.prototype_channels",
+        "8",
+        "--model.num_patterns",
+        "8",
+        "--model.position_channels",
+        "8",
+    ],
+}
+
+
+def _small_model_arguments(model: str = "MsFlow") -> list[str]:
+    short_name = model.rsplit(".", 1)[-1]
     return [
         "--model.backbone",
         "tf_efficientnet_lite0",
         "--model.num_blocks",
         "[1, 1, 1]",
-        "--model.condition_channels",
-        "8",
+        *SMALL_MODEL_ARGUMENTS[short_name],
     ]
 
 
@@ -57,7 +74,11 @@ def _data_arguments(root: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     ("model", "data"),
-    [("MsFlow", "MultiClassMVTecAD"), ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD")],
+    [
+        ("MsFlow", "MultiClassMVTecAD"),
+        ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD"),
+        ("VqFlow", "MultiClassMVTecAD"),
+    ],
 )
 def test_stock_anomalib_command_trains_tests_and_exports(
     demo_root: Path, tmp_path: Path, model: str, data: str
@@ -71,7 +92,7 @@ def test_stock_anomalib_command_trains_tests_and_exports(
             "--data",
             data,
             *_data_arguments(demo_root),
-            *_small_model_arguments(),
+            *_small_model_arguments(model),
             "--trainer.max_epochs",
             "1",
             "--trainer.accelerator",

@@ -7,12 +7,12 @@ direct ``AnomalibModule`` / ``AnomalibDataModule`` subclasses that ``list_models
 Example:
     >>> import anomalib_vqflow
     >>> from anomalib.models import list_models
-    >>> "ms_flow" in list_models()
+    >>> {"ms_flow", "vq_flow"} <= list_models()
     True
 """
 
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, MultiClassVisa
-from anomalib_vqflow.models import MsFlow
+from anomalib_vqflow.models import MsFlow, VqFlow
 
-__all__ = ["DemoMultiClass", "MsFlow", "MultiClassMVTecAD", "MultiClassVisa"]
+__all__ = ["DemoMultiClass", "MsFlow", "MultiClassMVTecAD", "MultiClassVisa", "VqFlow"]
 __version__ = "0.1.0"

@@ -3,13 +3,19 @@
 - :mod:`.backbone`: frozen multi-stage timm feature extractor with offline weights;
 - :mod:`.positional`: 2-D sinusoidal positional encoding;
 - :mod:`.flows`: coupling subnets, per-scale parallel flows, the fusion coupling;
+- :mod:`.quantizers`: EMA vector quantizers (VQ-Flow's codebooks);
+- :mod:`.priors`: concept-conditioned Gaussian priors of the latents;
 - :mod:`.scoring`: per-scale likelihoods to anomaly maps and image scores.
 """
 
 from .backbone import OFFLINE_BACKBONES, FeatureExtractor, layers_for_strides
 from .flows import ConvLayerNormSubnet, FusionCoupling, ParallelFlows, conditional_flow
 from .positional import positional_encoding_2d
+from .priors import ConceptGaussianPrior
+from .quantizers import QuantizerOutput, VectorQuantizer, codebook_statistics, residual_quantize
 from .scoring import (
+    AnomalyMapGenerator,
+    AnomalyMapMode,
     additive_anomaly_map,
     joint_log_likelihood,
     log_likelihood_maps,
@@ -20,11 +26,17 @@ from .scoring import (
 
 __all__ = [
     "OFFLINE_BACKBONES",
+    "AnomalyMapGenerator",
+    "AnomalyMapMode",
+    "ConceptGaussianPrior",
     "ConvLayerNormSubnet",
     "FeatureExtractor",
     "FusionCoupling",
     "ParallelFlows",
+    "QuantizerOutput",
+    "VectorQuantizer",
     "additive_anomaly_map",
+    "codebook_statistics",
     "conditional_flow",
     "joint_log_likelihood",
     "layers_for_strides",
@@ -32,5 +44,6 @@ __all__ = [
     "multiplicative_anomaly_map",
     "multiplicative_image_score",
     "positional_encoding_2d",
+    "residual_quantize",
     "top_k_mean",
 ]

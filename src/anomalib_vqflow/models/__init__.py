@@ -1,9 +1,10 @@
 """The plugin's Anomalib models.
 
 Each is a direct ``AnomalibModule`` subclass, so that ``anomalib.models.list_models()`` and
-``get_model("ms_flow")`` find it once imported.
+``get_model("vq_flow")`` find it once imported.
 """
 
 from .msflow import MsFlow
+from .vqflow import VqFlow
 
-__all__ = ["MsFlow"]
+__all__ = ["MsFlow", "VqFlow"]

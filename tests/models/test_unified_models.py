@@ -1,0 +1,155 @@
+"""Every plugin model, trained a few steps on the demo data: per-category testing, no labels, export, checkpoints.
+
+One tiny instance per model is trained once per module (two epochs on two demo categories)
+and shared by the tests below, each of which runs for every model.
+"""
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.deploy import ExportType
+from anomalib.engine import Engine
+from anomalib.models.components import AnomalibModule
+from lightning.pytorch import seed_everything
+
+from anomalib_vqflow.cli import openvino_inferencer
+from anomalib_vqflow.data import MultiClassMVTecAD
+from anomalib_vqflow.models import MsFlow, VqFlow
+from anomalib_vqflow.models.vqflow.torch_model import VqFlowEncoding
+
+IMAGE_SIZE = 64
+
+
+def _pre_processor(model: type[AnomalibModule]) -> object:
+    return model.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE))
+
+
+TINY_MODELS: dict[str, Callable[[], AnomalibModule]] = {
+    "ms_flow": lambda: MsFlow(
+        backbone="tf_efficientnet_lite0",
+        num_blocks=(1, 1, 2),
+        condition_channels=8,
+        warmup_epochs=1,
+        pre_processor=_pre_processor(MsFlow),
+    ),
+    "vq_flow": lambda: VqFlow(
+        backbone="tf_efficientnet_lite0",
+        num_blocks=(1, 1, 2),
+        num_prototypes=4,
+        prototype_channels=8,
+        num_patterns=16,
+        position_channels=8,
+        restart_dead_codes=True,
+        concept_calibration=True,
+        min_calibration_images=1,
+        warmup_epochs=1,
+        pre_processor=_pre_processor(VqFlow),
+    ),
+}
+
+Trained = tuple[str, AnomalibModule, Engine, MultiClassMVTecAD]
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_MODELS))
+def trained(request: pytest.FixtureRequest, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    name = request.param
+    seed_everything(0)
+    model = TINY_MODELS[name]()
+    datamodule = MultiClassMVTecAD(
+        root=demo_root, train_batch_size=8, eval_batch_size=8, num_workers=0, val_split_ratio=0.25, seed=0
+    )
+    engine = Engine(
+        max_epochs=2, default_root_dir=tmp_path_factory.mktemp(name), logger=False, enable_progress_bar=False
+    )
+    engine.fit(model=model, datamodule=datamodule)
+    engine.test(model=model, datamodule=datamodule)
+    return name, model, engine, datamodule
+
+
+def _training_loss(model: AnomalibModule, datamodule: MultiClassMVTecAD) -> float:
+    """Loss of a copy in training mode (training mode moves batch-norm statistics and codebooks)."""
+    images = torch.stack([datamodule.train_data[index].image for index in range(8)])
+    model = copy.deepcopy(model)
+    model.model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = model.model(model.pre_processor.transform(images))
+        if isinstance(output, VqFlowEncoding):
+            return model.loss(output.latents, output.log_jacobian, output.commitment).item()
+        return model.loss(*output).item()
+
+
+def test_training_lowers_the_loss_and_tests_per_category(trained: Trained) -> None:
+    name, model, engine, datamodule = trained
+    seed_everything(0)
+    untrained = TINY_MODELS[name]()
+    # Four small steps (two at a tenth of the rate during warm-up): a clear but modest drop.
+    assert _training_loss(model, datamodule) < 0.98 * _training_loss(untrained, datamodule)
+    table = model.evaluator.table
+    assert table.categories == ["brick", "coffee"]
+    run_folder = Path(engine.trainer.default_root_dir)
+    assert (run_folder / "metrics_per_category.md").is_file()
+    # Pictures of different categories land in different folders, so none overwrites another.
+    assert sorted(p.name for p in (run_folder / "images").iterdir()) == ["brick", "coffee"]
+    assert all(np.isfinite(table[c]["image_AUROC"]) for c in table.categories)
+
+
+def test_scores_do_not_depend_on_categories(trained: Trained) -> None:
+    """The model is label-free: scrambling the categories a batch carries changes nothing it predicts."""
+    _, model, _, datamodule = trained
+    batch = next(iter(datamodule.test_dataloader()))
+    batch.image = model.pre_processor.transform(batch.image)
+    model.eval()
+    first = model.test_step(batch, 0)
+    scores = first.pred_score.clone()
+    batch.category = list(reversed(batch.category))
+    second = model.test_step(batch, 0)
+    torch.testing.assert_close(second.pred_score, scores, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("post_processed", [True, False], ids=["deployed", "raw"])
+def test_openvino_matches_pytorch(trained: Trained, tmp_path: Path, post_processed: bool) -> None:
+    """Exported model vs PyTorch on images already at the input size, with and without the post-processor.
+
+    The raw outputs are the strict check: the post-processor clamps to [0, 1], which can hide differences.
+    Relative difference: max |openvino - torch| divided by the max |torch| of the same output.
+    """
+    _, trained_model, engine, datamodule = trained
+    model = copy.deepcopy(trained_model).eval()
+    if not post_processed:
+        model.post_processor = None
+    exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path)
+    inferencer = openvino_inferencer(exported, cache_folder=tmp_path)
+    samples = datamodule.test_data.samples
+    raw_scores = []
+    for index in range(0, len(samples), max(len(samples) // 6, 1)):
+        image = datamodule.test_data[index].image
+        assert image.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+        with torch.no_grad():
+            expected = model(image.unsqueeze(0))
+        predicted = inferencer.predict(samples.image_path.iloc[index])
+        raw_scores.append(float(expected.pred_score))
+        for field in ("pred_score", "anomaly_map"):
+            reference = getattr(expected, field).squeeze().numpy()
+            actual = np.asarray(getattr(predicted, field)).squeeze()
+            relative = np.abs(actual - reference).max() / max(np.abs(reference).max(), 1e-12)
+            assert relative <= 1e-3, f"{field} of image {index}: relative difference {relative:.2e}"
+    if not post_processed:
+        assert len(set(raw_scores)) == len(raw_scores), "raw scores must differ between images"
+
+
+def test_checkpoint_loads_without_pickled_code(trained: Trained) -> None:
+    """``load_from_checkpoint`` with Anomalib's default ``weights_only=True`` predicts what the trained model did."""
+    _, model, engine, _ = trained
+    checkpoint = Path(engine.trainer.default_root_dir) / "weights" / "lightning" / "model.ckpt"
+    restored = type(model).load_from_checkpoint(checkpoint, weights_only=True).eval()
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    model.eval()
+    with torch.no_grad():
+        expected, actual = model(images), restored(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=0)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
