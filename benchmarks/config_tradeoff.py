@@ -97,18 +97,25 @@ def main() -> int:
                 args.argument: value,
                 "image_AUROC": table["mean"]["image_AUROC"],
                 "pixel_AUROC": table["mean"]["pixel_AUROC"],
+                "pooled_image_AUROC": table["pooled"]["image_AUROC"],
+                "pooled_pixel_AUROC": table["pooled"]["pixel_AUROC"],
+                "codebook_health": getattr(model, "codebook_health", None),
                 "fit_seconds": round(fit_seconds, 1),
                 "openvino_images_per_second": round(model_rate, 1),
                 "backbone_images_per_second": round(backbone_rate, 1),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             }
         )
-    print(f"| {args.argument} | image AUROC | pixel AUROC | fit s | OpenVINO img/s | backbone img/s | ratio | params |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {args.argument} | image AUROC | pixel AUROC | pooled image / pixel | fit s | OpenVINO img/s "
+        "| backbone img/s | ratio | params |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
         ratio = row["openvino_images_per_second"] / row["backbone_images_per_second"]
         print(
             f"| {row[args.argument]} | {100 * row['image_AUROC']:.1f} | {100 * row['pixel_AUROC']:.1f} "
+            f"| {100 * row['pooled_image_AUROC']:.1f} / {100 * row['pooled_pixel_AUROC']:.1f} "
             f"| {row['fit_seconds']} | {row['openvino_images_per_second']} | {row['backbone_images_per_second']} "
             f"| {ratio:.2f} | {row['trainable_parameters']:,} |"
         )

@@ -83,6 +83,16 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
     test_seconds = time.perf_counter() - start
     table = model.evaluator.table
     table.write(output / name)
+    extra_tables = {}
+    calibration = getattr(model.model, "concept_calibration", None)
+    if calibration is not None:
+        # The same trained model scored with the per-prototype calibration switched the other way.
+        model.model.concept_calibration = not calibration
+        engine.test(model=model, datamodule=datamodule)
+        model.model.concept_calibration = calibration
+        variant = "without" if calibration else "with"
+        extra_tables[f"{variant} concept calibration"] = model.evaluator.table.to_markdown()
+        model.evaluator.table.write(output / f"{name}_{variant}_calibration")
     main_process, largest_worker = peak_memory_mib()
     return {
         "model": name,
@@ -95,7 +105,9 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
         "test_images_per_second": round(len(datamodule.test_data) / test_seconds, 2),
         "peak_rss_main_process_mib": round(main_process, 1),
         "peak_rss_largest_data_worker_mib": round(largest_worker, 1),
+        "codebook_health": getattr(model, "codebook_health", None),
         "table": table.to_markdown(),
+        "extra_tables": extra_tables,
     }
 
 
@@ -129,9 +141,11 @@ def main() -> int:
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"Command: `{summary['command']}`", f"Machine: {machine}", ""]
     for result in results:
-        settings = {k: v for k, v in result.items() if k != "table"}
+        settings = {k: v for k, v in result.items() if k not in ("table", "extra_tables")}
         lines += [f"## {result['model']}", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", ""]
         lines += [result["table"], ""]
+        for title, extra in result["extra_tables"].items():
+            lines += [f"### {result['model']} {title}", "", extra, ""]
     (args.output / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
