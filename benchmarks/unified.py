@@ -88,6 +88,8 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
     if calibration is not None:
         # The same trained model scored with the per-prototype calibration switched the other way.
         model.model.concept_calibration = not calibration
+        # Refit the post-processor's normalisation and thresholds on the switched scores.
+        engine.validate(model=model, datamodule=datamodule)
         engine.test(model=model, datamodule=datamodule)
         model.model.concept_calibration = calibration
         variant = "without" if calibration else "with"

@@ -57,6 +57,22 @@ def test_eval_mode_leaves_codebooks_alone() -> None:
         torch.testing.assert_close(codebook.codebook, before[name], rtol=0, atol=0)
 
 
+def test_prior_log_det_reaches_the_model_log_jacobian() -> None:
+    """Exact vs official prior: the total log-Jacobians differ by exactly -sum_l H_l W_l sum_c log s_c."""
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    log_jacobians = []
+    for log_det in (True, False):
+        torch.manual_seed(0)
+        model = VqFlowModel(pre_trained=False, prior_log_det=log_det, **TINY).eval()
+        for head in model.prior.scale_heads:
+            torch.nn.init.constant_(head.bias, 2.0)  # s = sqrt(4 + 1e-8) per channel
+        with torch.no_grad():
+            log_jacobians.append(model.encode(images).log_jacobian)
+    # Latent grids 8x8, 4x4, 2x2 with 24, 40, 112 channels.
+    expected = -(64 * 24 + 16 * 40 + 4 * 112) * 0.5 * torch.log(torch.tensor(4.0 + 1e-8))
+    torch.testing.assert_close(log_jacobians[0] - log_jacobians[1], expected.expand(2), rtol=1e-4, atol=1e-3)
+
+
 def test_loss_by_hand() -> None:
     latents = [torch.ones(1, 2, 1, 1)]
     # 0.5 * 2 - 0.5 + 2 * 0.25
@@ -122,7 +138,9 @@ def test_training_logs_codebook_health_and_fits_calibration(demo_root: Path, tmp
     engine.fit(model=model, datamodule=datamodule)
     health = model.codebook_health
     assert set(health) >= {"prototypes_perplexity", "prototypes_unused", "patterns_3_unused", "prototype_nmi"}
-    assert 1.0 <= health["prototypes_perplexity"] <= 4.0
+    # No collapse: more than one prototype in use.
+    assert health["prototypes_unused"] <= 2
+    assert 1.5 <= health["prototypes_perplexity"] <= 4.0
     assert 0.5 <= health["prototype_purity"] <= 1.0
     assert engine.trainer.callback_metrics["codebook/prototypes_perplexity"] == pytest.approx(
         health["prototypes_perplexity"]
@@ -130,3 +148,14 @@ def test_training_logs_codebook_health_and_fits_calibration(demo_root: Path, tmp
     calibration = model.model.calibration
     assert calibration.fitted
     assert int(calibration.images_per_prototype.sum()) == len(datamodule.val_data)
+
+
+def test_calibration_refuses_a_validation_split_of_test_images(demo_root: Path, tmp_path: Path) -> None:
+    seed_everything(0)
+    model = VqFlow(**TINY, pre_processor=VqFlow.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)))
+    datamodule = MultiClassMVTecAD(
+        root=demo_root, train_batch_size=8, eval_batch_size=8, num_workers=0, val_split_mode="same_as_test", seed=0
+    )
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    assert not model.model.calibration.fitted

@@ -5,6 +5,8 @@ prototype code is ``c``, the latent ``z`` of every scale is modelled as
 ``N(mu(c), s(c)^2)`` per channel (constant over space), with ``mu`` and ``sigma`` linear
 maps of the prototype and ``s = sqrt(sigma^2 + 1e-8)``. :class:`ConceptGaussianPrior`
 standardises ``z -> (z - mu(c)) / s(c)``, after which the fusion flow maps to ``N(0, I)``.
+The paper writes the prior as a mixture over prototypes; like the official code, each image
+uses its own (hard-assigned) prototype's component.
 
 Standardising is an invertible affine map, so the exact likelihood carries its log-Jacobian
 ``-H * W * sum_c log s_c(c)``. The official VQ-Flow code leaves that term out: the scale can

@@ -18,7 +18,14 @@ Two deliberate differences from the VQ-VAE-2 reference code that VQ-Flow uses:
 - optional dead-code restarts move every code whose moving cluster size is below
   ``dead_code_threshold`` onto a random input vector of the current batch (codes that were
   never picked are restarted at the first training step, which amounts to initialising the
-  codebook from the data).
+  codebook from the data). VQ-Flow's ``reAssign`` instead copies the most used codes onto
+  unused ones, at most half the codebook, once per epoch;
+- in training, the quantized output and the commitment use the codebook *after* this
+  step's update (the reference looks the codes up before it), so the commitment pulls
+  towards where the codes now are.
+
+Under distributed data parallel, the moving averages are not all-reduced: Lightning's
+buffer broadcast keeps those of rank 0.
 
 Distances are computed as ``|x|^2 - 2 x.E^T + |E|^2`` with one matrix product, which
 exports to ONNX and OpenVINO (``torch.cdist`` does not).

@@ -21,10 +21,13 @@ Differences from the official code, each documented where it is built:
 - concept-aware calibration (new, off by default): scores can be standardised per prototype
   with statistics of good validation images (``concept_calibration``), so that one threshold
   serves concepts on different score scales; the official code evaluates each category on
-  its own. The statistics are fitted in every validation epoch either way, so a trained model
-  can switch it on (``--model.concept_calibration true`` with ``--ckpt_path``). It is off by
-  default because, measured, the flows' per-image normalised scores leave it little to
-  correct (see ``configs/model/vq_flow_cpu.yaml``);
+  its own. The statistics are fitted in every validation epoch either way. Switched on after
+  training, validation must run again (``Engine.validate``) before testing or exporting, so
+  that Anomalib's post-processor refits its normalisation and threshold on the calibrated
+  scores. It is off by default because, measured, the flows' per-image normalised scores
+  leave it little to correct (see ``configs/model/vq_flow_cpu.yaml``);
+- the training loader keeps its last, smaller batch (the official one drops it); a last
+  batch of a single image is skipped, since batch norm needs two;
 - no epoch is chosen on the test set, images are resized by Anomalib's antialiased
   bilinear pre-processor instead of LANCZOS.
 
@@ -58,6 +61,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.utils.data import DataLoader
 
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
 from anomalib_vqflow.components.quantizers import codebook_statistics
@@ -221,16 +225,33 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         Anomalib's post-processor then fits its normalisation and threshold on the
         (calibrated, if ``concept_calibration``) scores of the same images. Only good images
         count (anomalous ones, if a validation split holds any, are left out). The statistics
-        are fitted even with the calibration off, so that it can be switched on later. Without
-        validation data the calibration stays the identity.
+        are fitted even with the calibration off. The pass reads the validation *dataset*
+        through a loader of its own (in the main process, every image, on every rank), so it
+        never advances the iterator of Lightning's validation loop (which persistent workers
+        would share) and every rank fits the same statistics. A validation split taken from
+        the test set is refused: calibration statistics come from training images only.
+        Without validation data the calibration stays the identity.
         """
+        split_mode = str(getattr(getattr(self.trainer, "datamodule", None), "val_split_mode", ""))
+        if split_mode.rsplit(".", 1)[-1].lower() in {"same_as_test", "from_test"}:
+            logger.warning(
+                "Concept calibration skipped: the validation split (%s) holds test images; use "
+                "val_split_mode='from_train' so that calibration never sees them.",
+                split_mode,
+            )
+            return
         dataloaders = self.trainer.val_dataloaders
         if dataloaders is None:
             return
         transform = getattr(self.pre_processor, "transform", None)
         collected: list[tuple[torch.Tensor, ...]] = []
-        with torch.no_grad():
-            for loader in dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]:
+        for stage_loader in dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]:
+            loader = DataLoader(
+                stage_loader.dataset,
+                batch_size=stage_loader.batch_size,
+                collate_fn=stage_loader.collate_fn,
+            )
+            with torch.no_grad():
                 for batch in loader:
                     images = batch.image.to(self.device)
                     if transform is not None:
@@ -242,7 +263,7 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
                     collected.append(
                         (pred_score[good], *(m[good] for m in image_moments(anomaly_map)), prototypes[good])
                     )
-        columns = [self.all_gather(torch.cat(column)).reshape(-1) for column in zip(*collected, strict=True)]
+        columns = [torch.cat(column) for column in zip(*collected, strict=True)]
         if not columns or len(columns[0]) < self.model.calibration.min_images:
             logger.warning(
                 "Concept calibration skipped: %d good validation images, %d needed; scores stay uncalibrated.",
