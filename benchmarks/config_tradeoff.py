@@ -100,6 +100,7 @@ def main() -> int:
                 "pooled_image_AUROC": table["pooled"]["image_AUROC"],
                 "pooled_pixel_AUROC": table["pooled"]["pixel_AUROC"],
                 "codebook_health": getattr(model, "codebook_health", None),
+                "component_health": getattr(model, "component_health", None),
                 "fit_seconds": round(fit_seconds, 1),
                 "openvino_images_per_second": round(model_rate, 1),
                 "backbone_images_per_second": round(backbone_rate, 1),

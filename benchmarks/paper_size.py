@@ -2,7 +2,7 @@
 
 What: each model of ``--models`` is built from its packaged paper config
 (``configs/model/<name>.yaml``) and measured on random images at the config's input size
-(MsFlow 512 px, VqFlow 384 px) and the batch size of the VQ-Flow paper (16):
+(MsFlow 512 px, VqFlow 384 px, Hgad 1024 px) and a batch size (default 16, VQ-Flow's):
 
 * trainable and total parameters;
 * the time of one fp32 training step: forward in training mode, the model's own loss,
@@ -87,6 +87,8 @@ def training_loss(lightning_model: Any, output: Any) -> torch.Tensor:
     """The model's loss on its training-mode output, as its ``training_step`` computes it."""
     if hasattr(output, "commitment"):  # VqFlowEncoding: latents, log-Jacobian, commitment, prototypes
         return lightning_model.loss(output.latents, output.log_jacobian, output.commitment)
+    if hasattr(output, "components"):  # HgadEncoding: every term, the intra-class ones included
+        return lightning_model.loss_terms(output, intra=True)["loss"]
     return lightning_model.loss(*output)  # MsFlow: (latents, log-Jacobian)
 
 
@@ -232,7 +234,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["ms_flow", "vq_flow"], help="list_models() names")
+    parser.add_argument("--models", nargs="+", default=["ms_flow", "vq_flow", "hgad"], help="list_models() names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16, help="training and inference batch (VQ-Flow paper: 16)")
     parser.add_argument("--image-size", type=int, default=None, help="override the config's input size (quick tests)")

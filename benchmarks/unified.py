@@ -10,10 +10,12 @@ normalisation) uses good training images only; no epoch or threshold is chosen o
 results: the last epoch is tested once.
 
 Categories may come from several MVTec-layout folders (``--roots``); ``--demo`` adds the
-embedded demo categories. The development set of this project is::
+embedded demo categories. A model entry may override constructor arguments of its config,
+``name:argument=value,argument=value`` (values are YAML), and is reported under that label.
+The development set of this project is::
 
-    python benchmarks/unified.py --demo --roots ../shared/data --models ms_flow \
-        --output benchmarks/results/demo_magnetic_tile
+    python benchmarks/unified.py --demo --roots ../shared/data --models ms_flow vq_flow hgad \
+        hgad:labels=dataset,num_components=5 --output benchmarks/results/demo_magnetic_tile
 """
 
 from __future__ import annotations
@@ -60,11 +62,26 @@ def peak_memory_mib() -> tuple[float, float]:
     )
 
 
-def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_epochs: int | None) -> dict[str, Any]:
-    """Train and test one model; return its table and measurements."""
+def parse_model_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """``"hgad:labels=dataset,num_components=5"`` -> ``("hgad", {"labels": "dataset", "num_components": 5})``."""
+    name, _, arguments = entry.partition(":")
+    overrides = {}
+    for assignment in filter(None, arguments.split(",")):
+        key, separator, value = assignment.partition("=")
+        if not separator:
+            msg = f"Model entry {entry!r}: expected argument=value, got {assignment!r}."
+            raise ValueError(msg)
+        overrides[key] = yaml.safe_load(value)
+    return name, overrides
+
+
+def run_model(entry: str, variant: str, root: Path, output: Path, seed: int, max_epochs: int | None) -> dict[str, Any]:
+    """Train and test one model entry (a name with optional overrides); return its table and measurements."""
+    name, overrides = parse_model_entry(entry)
+    label = entry.replace(":", "_").replace(",", "_").replace("=", "-")
     config = config_path(name, variant)
     seed_everything(seed, workers=True)
-    model, config_data, trainer_settings = build_from_config(config)
+    model, config_data, trainer_settings = build_from_config(config, overrides)
     if max_epochs is not None:
         trainer_settings["max_epochs"] = max_epochs
     datamodule = MultiClassMVTecAD(
@@ -82,7 +99,7 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
     engine.test(model=model, datamodule=datamodule)
     test_seconds = time.perf_counter() - start
     table = model.evaluator.table
-    table.write(output / name)
+    table.write(output / label)
     extra_tables = {}
     calibration = getattr(model.model, "concept_calibration", None)
     if calibration is not None:
@@ -94,11 +111,12 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
         model.model.concept_calibration = calibration
         variant = "without" if calibration else "with"
         extra_tables[f"{variant} concept calibration"] = model.evaluator.table.to_markdown()
-        model.evaluator.table.write(output / f"{name}_{variant}_calibration")
+        model.evaluator.table.write(output / f"{label}_{variant}_calibration")
     main_process, largest_worker = peak_memory_mib()
     return {
-        "model": name,
+        "model": label,
         "config": str(config.relative_to(config.parents[2])),
+        "overrides": overrides,
         "max_epochs": trainer_settings.get("max_epochs"),
         "train_images": len(datamodule.train_data),
         "validation_images": len(datamodule.val_data),
@@ -108,6 +126,7 @@ def run_model(name: str, variant: str, root: Path, output: Path, seed: int, max_
         "peak_rss_main_process_mib": round(main_process, 1),
         "peak_rss_largest_data_worker_mib": round(largest_worker, 1),
         "codebook_health": getattr(model, "codebook_health", None),
+        "component_health": getattr(model, "component_health", None),
         "table": table.to_markdown(),
         "extra_tables": extra_tables,
     }
@@ -119,7 +138,9 @@ def main() -> int:
     parser.add_argument("--roots", type=Path, nargs="*", default=[], help="MVTec-layout folders of categories")
     parser.add_argument("--demo", action="store_true", help="add the embedded demo categories")
     parser.add_argument("--categories", nargs="*", default=None, help="restrict to these categories")
-    parser.add_argument("--models", nargs="+", default=["ms_flow"], help="list_models() names of plugin models")
+    parser.add_argument(
+        "--models", nargs="+", default=["ms_flow"], help="list_models() names, each optionally name:argument=value,..."
+    )
     parser.add_argument("--variant", choices=["cpu", "paper"], default="cpu", help="config variant")
     parser.add_argument("--max-epochs", type=int, default=None, help="override every config's max_epochs")
     parser.add_argument("--seed", type=int, default=9826)

@@ -43,8 +43,10 @@ def test_autoload_can_be_switched_off() -> None:
 
 
 SMALL_MODEL_ARGUMENTS = {
-    "MsFlow": ["--model.condition_channels", "8"],
+    "MsFlow": ["--model.num_blocks", "[1, 1, 1]", "--model.condition_channels", "8"],
     "VqFlow": [
+        "--model.num_blocks",
+        "[1, 1, 1]",
         "--model.num_prototypes",
         "4",
         "--model.prototype_channels",
@@ -54,18 +56,29 @@ SMALL_MODEL_ARGUMENTS = {
         "--model.position_channels",
         "8",
     ],
+    # The paper's labelled training, so that the categories reach the model through the CLI's datamodule.
+    "Hgad": [
+        "--model.layer",
+        "2",
+        "--model.num_blocks",
+        "1",
+        "--model.position_channels",
+        "8",
+        "--model.labels",
+        "dataset",
+        "--model.num_components",
+        "2",
+        "--model.num_intra_centers",
+        "2",
+        "--model.map_size",
+        "64",
+    ],
 }
 
 
 def _small_model_arguments(model: str = "MsFlow") -> list[str]:
     short_name = model.rsplit(".", 1)[-1]
-    return [
-        "--model.backbone",
-        "tf_efficientnet_lite0",
-        "--model.num_blocks",
-        "[1, 1, 1]",
-        *SMALL_MODEL_ARGUMENTS[short_name],
-    ]
+    return ["--model.backbone", "tf_efficientnet_lite0", *SMALL_MODEL_ARGUMENTS[short_name]]
 
 
 def _data_arguments(root: Path) -> list[str]:
@@ -78,6 +91,7 @@ def _data_arguments(root: Path) -> list[str]:
         ("MsFlow", "MultiClassMVTecAD"),
         ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD"),
         ("VqFlow", "MultiClassMVTecAD"),
+        ("Hgad", "MultiClassMVTecAD"),
     ],
 )
 def test_stock_anomalib_command_trains_tests_and_exports(

@@ -6,6 +6,7 @@ import torch
 from anomalib_vqflow.components.quantizers import (
     VectorQuantizer,
     codebook_statistics,
+    kmeans,
     residual_quantize,
     squared_distances,
 )
@@ -115,3 +116,26 @@ def test_codebook_statistics() -> None:
 def test_wrong_channel_count_is_named() -> None:
     with pytest.raises(ValueError, match="Expected 3 channels"):
         VectorQuantizer(num_codes=2, dim=3)(torch.randn(2, 4))
+
+
+def test_kmeans_recovers_separated_groups_deterministically() -> None:
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 0.0]])
+    points = torch.cat([offset + torch.randn(20, 3, generator=generator) for offset in offsets])
+    groups = torch.arange(3).repeat_interleave(20)
+    centres, assignments = kmeans(points, 3, generator=torch.Generator().manual_seed(1))
+    # Same partition as the groups, whatever the numbering, and each centre at its group's mean.
+    for group in range(3):
+        members = assignments[groups == group]
+        assert bool((members == members[0]).all())
+        torch.testing.assert_close(centres[members[0]], points[groups == group].mean(dim=0))
+    assert len(set(assignments.tolist())) == 3
+    again = kmeans(points, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again[0], centres, rtol=0, atol=0)
+
+
+def test_kmeans_with_more_clusters_than_points_leaves_some_empty() -> None:
+    points = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    centres, assignments = kmeans(points, 4, generator=torch.Generator().manual_seed(0))
+    assert centres.shape == (4, 2)
+    assert len(set(assignments.tolist())) == 2

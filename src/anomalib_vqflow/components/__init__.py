@@ -3,16 +3,16 @@
 - :mod:`.backbone`: frozen multi-stage timm feature extractor with offline weights;
 - :mod:`.positional`: 2-D sinusoidal positional encoding;
 - :mod:`.flows`: coupling subnets, per-scale parallel flows, the fusion coupling;
-- :mod:`.quantizers`: EMA vector quantizers (VQ-Flow's codebooks);
-- :mod:`.priors`: concept-conditioned Gaussian priors of the latents;
+- :mod:`.quantizers`: EMA vector quantizers (VQ-Flow's codebooks) and k-means;
+- :mod:`.priors`: concept-conditioned Gaussians (VQ-Flow) and hierarchical Gaussian mixtures (HGAD);
 - :mod:`.scoring`: per-scale likelihoods to anomaly maps and image scores.
 """
 
 from .backbone import OFFLINE_BACKBONES, FeatureExtractor, layers_for_strides
-from .flows import ConvLayerNormSubnet, FusionCoupling, ParallelFlows, conditional_flow
+from .flows import ConvLayerNormSubnet, FusionCoupling, MlpSubnet, ParallelFlows, conditional_flow
 from .positional import positional_encoding_2d
-from .priors import ConceptGaussianPrior
-from .quantizers import QuantizerOutput, VectorQuantizer, codebook_statistics, residual_quantize
+from .priors import ConceptGaussianPrior, HierarchicalGaussianMixture
+from .quantizers import QuantizerOutput, VectorQuantizer, codebook_statistics, kmeans, residual_quantize
 from .scoring import (
     AnomalyMapGenerator,
     AnomalyMapMode,
@@ -32,6 +32,8 @@ __all__ = [
     "ConvLayerNormSubnet",
     "FeatureExtractor",
     "FusionCoupling",
+    "HierarchicalGaussianMixture",
+    "MlpSubnet",
     "ParallelFlows",
     "QuantizerOutput",
     "VectorQuantizer",
@@ -39,6 +41,7 @@ __all__ = [
     "codebook_statistics",
     "conditional_flow",
     "joint_log_likelihood",
+    "kmeans",
     "layers_for_strides",
     "log_likelihood_maps",
     "multiplicative_anomaly_map",

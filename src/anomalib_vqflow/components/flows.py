@@ -3,9 +3,11 @@
 MSFlow, VQ-Flow and HGAD share these pieces:
 
 - :class:`ConvLayerNormSubnet`, the coupling subnet of MSFlow (conv 3x3, LayerNorm over
-  channels, ReLU, conv 3x3);
+  channels, ReLU, conv 3x3), and :class:`MlpSubnet`, HGAD's subnet for flows on single
+  feature vectors (linear to twice the width, ReLU, linear);
 - :func:`conditional_flow`, a FrEIA ``SequenceINN`` of Anomalib's ``AllInOneBlock`` with a
-  per-pixel condition (affine clamping 1.9, softplus global affine, hard permutations);
+  per-pixel condition (affine clamping 1.9, softplus global affine, hard or soft
+  permutations), on feature maps or on vectors;
 - :class:`ParallelFlows`, one such flow per scale with its own depth;
 - :class:`FusionCoupling`, MSFlow's fusion coupling layer, which lets the scales exchange
   information: each half of every scale is transformed by a network that sees the other
@@ -29,7 +31,7 @@ Example:
     ([8, 16], torch.Size([2]))
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -67,26 +69,46 @@ class ConvLayerNormSubnet(nn.Sequential):
         )
 
 
+class MlpSubnet(nn.Sequential):
+    """Coupling subnet of HGAD's per-pixel flows: linear to twice the input width, ReLU, linear."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Linear(in_channels, 2 * in_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(2 * in_channels, out_channels),
+        )
+
+
 def conditional_flow(
     channels: int,
     condition_channels: int,
     num_blocks: int,
     clamp: float = AFFINE_CLAMPING,
+    subnet_constructor: Callable[[int, int], nn.Module] = ConvLayerNormSubnet,
+    permute_soft: bool = False,
+    spatial: bool = True,
 ) -> SequenceINN:
     """Build a flow of ``num_blocks`` conditional ``AllInOneBlock`` couplings on ``channels``.
 
-    The condition is concatenated to the passive half in every block's subnet. Spatial
-    sizes are free (fully convolutional); the ``(1, 1)`` dims only tell FrEIA the rank.
+    The condition is concatenated to the passive half in every block's subnet. With
+    ``spatial`` the flow maps ``(N, C, H, W)`` feature maps of any size (fully
+    convolutional; the ``(1, 1)`` dims only tell FrEIA the rank) and its log-Jacobian is
+    summed over the map; without, it maps ``(N, C)`` vectors, one log-Jacobian per vector.
+    ``permute_soft`` mixes the channels between blocks with a random rotation instead of a
+    random permutation (drawn from NumPy's global generator).
     """
-    flow = SequenceINN(channels, 1, 1)
+    trailing = (1, 1) if spatial else ()
+    flow = SequenceINN(channels, *trailing)
     for _ in range(num_blocks):
         flow.append(
             AllInOneBlock,
             cond=0,
-            cond_shape=(condition_channels, 1, 1),
-            subnet_constructor=ConvLayerNormSubnet,
+            cond_shape=(condition_channels, *trailing),
+            subnet_constructor=subnet_constructor,
             affine_clamping=clamp,
             global_affine_type="SOFTPLUS",
+            permute_soft=permute_soft,
         )
     return flow
 

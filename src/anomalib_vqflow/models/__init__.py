@@ -4,7 +4,8 @@ Each is a direct ``AnomalibModule`` subclass, so that ``anomalib.models.list_mod
 ``get_model("vq_flow")`` find it once imported.
 """
 
+from .hgad import Hgad
 from .msflow import MsFlow
 from .vqflow import VqFlow
 
-__all__ = ["MsFlow", "VqFlow"]
+__all__ = ["Hgad", "MsFlow", "VqFlow"]

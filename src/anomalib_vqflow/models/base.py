@@ -8,7 +8,8 @@ decay, stepped per epoch, gradient norm clipped at 2, no sanity validation.
 Anomalib's post-processor in the callback list. The post-processor normalises scores in
 place and clamps them to ``[0, 1]``, which turns distinct raw scores into ties; metrics
 computed after it are wrong whenever raw scores fall outside the validation range. The
-evaluator therefore reads the raw scores first.
+evaluator therefore reads the raw scores first. The mixin also scores validation images:
+every plugin model learns from good images only and returns an ``InferenceBatch`` in eval mode.
 
 It is a mixin, not a subclass of ``AnomalibModule``: ``anomalib.models.list_models()``
 lists only *direct* subclasses of ``AnomalibModule``, so each model subclasses both.
@@ -19,7 +20,8 @@ Example:
     ['PreProcessor', 'UnifiedEvaluator', 'PostProcessor', 'ImageVisualizer']
 """
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,9 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
+from torch.utils.data import DataLoader
 
 from anomalib_vqflow.evaluation import UnifiedEvaluator
 
@@ -64,6 +67,37 @@ class UnifiedModelMixin:
         components = (self.pre_processor, self.evaluator, self.post_processor, self.visualizer)
         return [component for component in components if isinstance(component, Callback)]
 
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    @property
+    def learning_type(self) -> LearningType:
+        """The models learn from good images only."""
+        return LearningType.ONE_CLASS
+
+
+def preprocessed_batches(
+    module: LightningModule,
+    dataloaders: DataLoader | Sequence[DataLoader],
+) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Every batch of the datasets behind ``dataloaders``, with its images pre-processed on the module's device.
+
+    The datasets are read again through loaders of their own (in the main process, in
+    order, every image on every rank), so that a pass made from a hook never advances the
+    iterator of Lightning's loop (which persistent workers would share) and every rank sees
+    the same images. For statistics that a model fits from its training or validation data.
+    """
+    transform = getattr(getattr(module, "pre_processor", None), "transform", None)
+    for stage_loader in dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]:
+        loader = DataLoader(
+            stage_loader.dataset, batch_size=stage_loader.batch_size, collate_fn=stage_loader.collate_fn
+        )
+        for batch in loader:
+            images = batch.image.to(module.device)
+            yield batch, transform(images) if transform is not None else images
+
 
 def warmup_multistep_factor(epoch: int, warmup_epochs: int, milestones: Sequence[int], gamma: float) -> float:
     """Learning-rate factor at ``epoch``: linear warm-up from 0.1, then a step decay by ``gamma`` at each milestone.
@@ -73,6 +107,27 @@ def warmup_multistep_factor(epoch: int, warmup_epochs: int, milestones: Sequence
     """
     warmup = 0.1 + 0.9 * epoch / warmup_epochs if epoch < warmup_epochs else 1.0
     return warmup * gamma ** sum(epoch >= milestone for milestone in milestones)
+
+
+def warmup_cosine_factor(epoch: int, warmup_epochs: int, total_epochs: int | None, min_factor: float) -> float:
+    """Learning-rate factor at ``epoch``: cosine from 1 to ``min_factor`` over ``total_epochs``, after a linear warm-up.
+
+    The warm-up goes from 0.1 to the cosine's value at its end. Without a known number of
+    epochs (``None`` or negative), the factor stays at 1 after the warm-up.
+
+    >>> [round(warmup_cosine_factor(e, 1, 4, 0.0), 3) for e in range(5)]
+    [0.1, 0.854, 0.5, 0.146, 0.0]
+    """
+
+    def cosine(step: int) -> float:
+        if total_epochs is None or total_epochs <= 0:
+            return 1.0
+        progress = min(step / total_epochs, 1.0)
+        return min_factor + (1.0 - min_factor) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+    if epoch < warmup_epochs:
+        return 0.1 + (cosine(warmup_epochs) - 0.1) * epoch / warmup_epochs
+    return cosine(epoch)
 
 
 class FlowTrainingMixin:
@@ -97,17 +152,7 @@ class FlowTrainingMixin:
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
-        del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
-
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """Clip the gradient norm at 2 as the papers do; no sanity validation."""
         return {"gradient_clip_val": 2.0, "gradient_clip_algorithm": "norm", "num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """The flows learn from good images only."""
-        return LearningType.ONE_CLASS

@@ -61,12 +61,11 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.utils.data import DataLoader
 
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
 from anomalib_vqflow.components.quantizers import codebook_statistics
 from anomalib_vqflow.evaluation.clustering import cluster_purity, normalized_mutual_information
-from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin
+from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin, preprocessed_batches
 
 from .anomaly_map import image_moments
 from .loss import VqFlowLoss
@@ -226,9 +225,8 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         (calibrated, if ``concept_calibration``) scores of the same images. Only good images
         count (anomalous ones, if a validation split holds any, are left out). The statistics
         are fitted even with the calibration off. The pass reads the validation *dataset*
-        through a loader of its own (in the main process, every image, on every rank), so it
-        never advances the iterator of Lightning's validation loop (which persistent workers
-        would share) and every rank fits the same statistics. A validation split taken from
+        through :func:`~anomalib_vqflow.models.base.preprocessed_batches`, so it never advances
+        Lightning's validation loop and every rank fits the same statistics. A validation split taken from
         the test set is refused: calibration statistics come from training images only.
         Without validation data the calibration stays the identity.
         """
@@ -243,26 +241,14 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         dataloaders = self.trainer.val_dataloaders
         if dataloaders is None:
             return
-        transform = getattr(self.pre_processor, "transform", None)
         collected: list[tuple[torch.Tensor, ...]] = []
-        for stage_loader in dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]:
-            loader = DataLoader(
-                stage_loader.dataset,
-                batch_size=stage_loader.batch_size,
-                collate_fn=stage_loader.collate_fn,
-            )
-            with torch.no_grad():
-                for batch in loader:
-                    images = batch.image.to(self.device)
-                    if transform is not None:
-                        images = transform(images)
-                    pred_score, anomaly_map, prototypes = self.model.uncalibrated_scores(images)
-                    good = torch.ones_like(prototypes, dtype=torch.bool)
-                    if batch.gt_label is not None:
-                        good = batch.gt_label.to(self.device) == 0
-                    collected.append(
-                        (pred_score[good], *(m[good] for m in image_moments(anomaly_map)), prototypes[good])
-                    )
+        with torch.no_grad():
+            for batch, images in preprocessed_batches(self, dataloaders):
+                pred_score, anomaly_map, prototypes = self.model.uncalibrated_scores(images)
+                good = torch.ones_like(prototypes, dtype=torch.bool)
+                if batch.gt_label is not None:
+                    good = batch.gt_label.to(self.device) == 0
+                collected.append((pred_score[good], *(m[good] for m in image_moments(anomaly_map)), prototypes[good]))
         columns = [torch.cat(column) for column in zip(*collected, strict=True)]
         if not columns or len(columns[0]) < self.model.calibration.min_images:
             logger.warning(

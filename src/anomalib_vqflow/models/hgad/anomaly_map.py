@@ -1,0 +1,95 @@
+"""HGAD's anomaly map: low likelihood under the image's component times uncertainty between components.
+
+Per level ``l`` two per-pixel normality maps come from the flows (:mod:`.torch_model`):
+
+- the per-dimension log-likelihood ``log p(x) / D`` under the intra-class mixture of the
+  image's component (flow log-Jacobian included);
+- the negative entropy ``sum_k p_k log p_k`` of the posterior over components.
+
+Each is turned into an anomaly map as HGAD does: per level ``exp(map_l - reference_l)``,
+upsampled to ``map_size`` and summed over levels, then subtracted from its largest value;
+the two anomaly maps are multiplied, smoothed with a Gaussian (sigma 4 px at 256 px), and
+the image score is the map's maximum. The map is returned at the input size.
+
+Difference from the official code: it normalises by the largest log-likelihood and the
+largest negative entropy *over all test images of the category under test*, and subtracts
+the largest summed map over them, so that an image's score depends on the other test
+images (and on knowing their category). Here the references are the largest values over
+the training pixels of the last training epoch (buffers, fitted while training, part of
+the exported model), the largest summed value is taken as the number of levels (every
+level at its reference), and the anomaly maps are clipped at zero, so every image is
+scored on its own.
+
+Example:
+    >>> import torch
+    >>> generator = HgadAnomalyMapGenerator(num_levels=2, map_size=32, blur_sigma=1.0)
+    >>> maps = [-torch.rand(2, 1, 8, 8), -torch.rand(2, 1, 4, 4)]
+    >>> score, anomaly_map = generator(maps, maps, (64, 64))
+    >>> score.shape, anomaly_map.shape
+    (torch.Size([2]), torch.Size([2, 1, 64, 64]))
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.models.components.filters import GaussianBlur2d
+from torch import nn
+
+# exp(20) already turns a level's normality far past any reference; larger exponents would overflow float32.
+_MAX_EXPONENT = 20.0
+
+
+def anomaly_from_normality(maps: Sequence[torch.Tensor], references: torch.Tensor, size: int) -> torch.Tensor:
+    """``max(0, L - sum_l up(exp(map_l - reference_l)))`` at ``size x size`` for ``L`` per-level normality maps."""
+    total = sum(
+        F.interpolate(
+            torch.exp((normality - reference).clamp(max=_MAX_EXPONENT)),
+            size=(size, size),
+            mode="bilinear",
+            align_corners=True,
+        )
+        for normality, reference in zip(maps, references, strict=True)
+    )
+    return (len(maps) - total).clamp(min=0.0)
+
+
+class HgadAnomalyMapGenerator(nn.Module):
+    """Image score and anomaly map from the per-level log-likelihood and negative-entropy maps.
+
+    Args:
+        num_levels: Pyramid levels.
+        map_size: Side of the square map the scores are computed and smoothed on (paper: 256).
+        blur_sigma: Standard deviation in pixels of ``map_size`` of the Gaussian smoothing (paper: 4; 0 for none).
+    """
+
+    def __init__(self, num_levels: int, map_size: int = 256, blur_sigma: float = 4.0) -> None:
+        super().__init__()
+        if blur_sigma < 0 or map_size <= 2 * int(4.0 * blur_sigma + 0.5):
+            msg = (
+                f"Need blur_sigma >= 0 and a map_size larger than the blur kernel (8 sigma), "
+                f"got map_size={map_size}, blur_sigma={blur_sigma}."
+            )
+            raise ValueError(msg)
+        self.map_size = map_size
+        self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1) if blur_sigma > 0 else nn.Identity()
+        self.register_buffer("reference_log_likelihood", torch.zeros(num_levels))
+        self.register_buffer("reference_negative_entropy", torch.zeros(num_levels))
+
+    def set_references(self, log_likelihood: torch.Tensor, negative_entropy: torch.Tensor) -> None:
+        """Set the per-level references ``(L,)`` the normality maps are measured against."""
+        self.reference_log_likelihood.copy_(log_likelihood)
+        self.reference_negative_entropy.copy_(negative_entropy)
+
+    def forward(
+        self,
+        log_likelihoods: Sequence[torch.Tensor],
+        negative_entropies: Sequence[torch.Tensor],
+        size: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(pred_score (N,), anomaly_map (N, 1, *size))``."""
+        likelihood_map = anomaly_from_normality(log_likelihoods, self.reference_log_likelihood, self.map_size)
+        entropy_map = anomaly_from_normality(negative_entropies, self.reference_negative_entropy, self.map_size)
+        anomaly_map = self.blur(likelihood_map * entropy_map)
+        pred_score = anomaly_map.amax(dim=(1, 2, 3))
+        return pred_score, F.interpolate(anomaly_map, size=tuple(size), mode="bilinear", align_corners=False)
