@@ -235,6 +235,8 @@ def test_labelled_training_resumes_with_its_components_and_categories(demo_root:
     torch.save(state, checkpoint)
     resumed = fit(max_epochs=2, ckpt_path=checkpoint)
     assert resumed.category_index == first.category_index == {"brick": 0, "coffee": 1}
+    assert resumed.component_health == first.component_health
+    assert first.component_health["component_purity"] == pytest.approx(1.0)
     torch.testing.assert_close(resumed.model.component_assigner.centroids, first.model.component_assigner.centroids + 1)
     torch.testing.assert_close(resumed.model.standardizer.std, 2 * first.model.standardizer.std)
     assert resumed.trainer.current_epoch == 2

@@ -82,6 +82,7 @@ from .torch_model import HgadEncoding, HgadModel, per_pixel
 logger = logging.getLogger(__name__)
 
 _CATEGORY_INDEX_KEY = "hgad_category_index"
+_COMPONENT_HEALTH_KEY = "hgad_component_health"
 
 
 class LabelSource(str, Enum):
@@ -363,11 +364,16 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
             self.log(f"components/{name}", value, sync_dist=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the category numbering of ``labels="dataset"``, so that training resumes with the same components."""
+        """Keep the category numbering of ``labels="dataset"`` and the components' health report.
+
+        With the numbering, training resumes with the same components.
+        """
         super().on_save_checkpoint(checkpoint)
         checkpoint[_CATEGORY_INDEX_KEY] = dict(self.category_index)
+        checkpoint[_COMPONENT_HEALTH_KEY] = dict(self.component_health)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the category numbering saved with the checkpoint."""
+        """Restore the category numbering and the health report saved with the checkpoint."""
         super().on_load_checkpoint(checkpoint)
         self.category_index = dict(checkpoint.get(_CATEGORY_INDEX_KEY, {}))
+        self.component_health = dict(checkpoint.get(_COMPONENT_HEALTH_KEY, {}))
