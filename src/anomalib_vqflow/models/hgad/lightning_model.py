@@ -177,7 +177,6 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
             blur_sigma=blur_sigma,
         )
         self.loss = HgadLoss(mutual_information_weight=mutual_information_weight, label_smoothing=label_smoothing)
-        self.num_components = num_components
         self.inter_class_epochs = inter_class_epochs
         self.lr = lr
         self.center_lr_factor = center_lr_factor
@@ -267,9 +266,9 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
                 )
                 raise ValueError(msg)
             names = sorted(set(categories))
-            if len(names) != self.num_components:
+            if len(names) != assigner.num_components:
                 msg = (
-                    f"Hgad(labels='dataset') has num_components={self.num_components}, but the training data has "
+                    f"Hgad(labels='dataset') has num_components={assigner.num_components}, but the training data has "
                     f"{len(names)} categories {names}; set num_components={len(names)}."
                 )
                 raise ValueError(msg)
