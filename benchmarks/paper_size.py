@@ -2,11 +2,11 @@
 
 What: each model of ``--models`` is built from its packaged paper config
 (``configs/model/<name>.yaml``) and measured on random images at the config's input size
-(MsFlow 512 px, VqFlow 384 px, Hgad 1024 px) and a batch size (default 16, VQ-Flow's):
+(MsFlow 512 px, VqFlow 384 px, Hgad 1024 px, UniAd 224 px) and a batch size (default 16, VQ-Flow's):
 
 * trainable and total parameters;
 * the time of one fp32 training step: forward in training mode, the model's own loss,
-  backward, gradient-norm clipping as the model's ``trainer_arguments`` ask (the papers' 2.0)
+  backward, gradient-norm clipping as the model's ``trainer_arguments`` ask (the flows' 2.0, UniAD's 0.1)
   and an Adam step on the trainable parameters; a few warm-up steps, then the mean of
   ``--steps`` timed steps (the device is synchronised before and after);
 * the peak GPU memory of training (``torch.cuda.max_memory_allocated``, reset per model),
@@ -89,7 +89,7 @@ def training_loss(lightning_model: Any, output: Any) -> torch.Tensor:
         return lightning_model.loss(output.latents, output.log_jacobian, output.commitment)
     if hasattr(output, "components"):  # HgadEncoding: every term, the intra-class ones included
         return lightning_model.loss_terms(output, intra=True)["loss"]
-    return lightning_model.loss(*output)  # MsFlow: (latents, log-Jacobian)
+    return lightning_model.loss(*output)  # MsFlow: (latents, log-Jacobian); UniAd: (reconstruction, target)
 
 
 def measure_training(
@@ -234,7 +234,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["ms_flow", "vq_flow", "hgad"], help="list_models() names")
+    parser.add_argument(
+        "--models", nargs="+", default=["ms_flow", "vq_flow", "hgad", "uni_ad"], help="list_models() names"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16, help="training and inference batch (VQ-Flow paper: 16)")
     parser.add_argument("--image-size", type=int, default=None, help="override the config's input size (quick tests)")

@@ -28,7 +28,7 @@ def test_model_config_builds(config: Path) -> None:
     assert model.input_size is not None
 
 
-@pytest.mark.parametrize(("name", "paper_size"), [("ms_flow", 512), ("vq_flow", 384), ("hgad", 1024)])
+@pytest.mark.parametrize(("name", "paper_size"), [("ms_flow", 512), ("vq_flow", 384), ("hgad", 1024), ("uni_ad", 224)])
 def test_every_model_has_paper_and_cpu_config(name: str, paper_size: int) -> None:
     paper = build_from_config(config_path(name, "paper"), {"pre_trained": False})[0]
     cpu = build_from_config(config_path(name, "cpu"), {"pre_trained": False})[0]

@@ -56,6 +56,18 @@ SMALL_MODEL_ARGUMENTS = {
         "--model.position_channels",
         "8",
     ],
+    "UniAd": [
+        "--model.hidden_channels",
+        "32",
+        "--model.num_heads",
+        "2",
+        "--model.num_encoder_layers",
+        "1",
+        "--model.num_decoder_layers",
+        "1",
+        "--model.feedforward_channels",
+        "64",
+    ],
     # The paper's labelled training, so that the categories reach the model through the CLI's datamodule.
     "Hgad": [
         "--model.layer",
@@ -92,6 +104,7 @@ def _data_arguments(root: Path) -> list[str]:
         ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD"),
         ("VqFlow", "MultiClassMVTecAD"),
         ("Hgad", "MultiClassMVTecAD"),
+        ("UniAd", "MultiClassMVTecAD"),
     ],
 )
 def test_stock_anomalib_command_trains_tests_and_exports(

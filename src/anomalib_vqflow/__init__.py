@@ -12,7 +12,7 @@ Example:
 """
 
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, MultiClassVisa
-from anomalib_vqflow.models import MsFlow, VqFlow
+from anomalib_vqflow.models import Hgad, MsFlow, UniAd, VqFlow
 
-__all__ = ["DemoMultiClass", "MsFlow", "MultiClassMVTecAD", "MultiClassVisa", "VqFlow"]
+__all__ = ["DemoMultiClass", "Hgad", "MsFlow", "MultiClassMVTecAD", "MultiClassVisa", "UniAd", "VqFlow"]
 __version__ = "0.1.0"

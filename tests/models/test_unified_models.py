@@ -18,7 +18,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_vqflow.cli import openvino_inferencer
 from anomalib_vqflow.data import MultiClassMVTecAD
-from anomalib_vqflow.models import Hgad, MsFlow, VqFlow
+from anomalib_vqflow.models import Hgad, MsFlow, UniAd, VqFlow
 from anomalib_vqflow.models.hgad.torch_model import HgadEncoding
 from anomalib_vqflow.models.vqflow.torch_model import VqFlowEncoding
 
@@ -57,6 +57,18 @@ TINY_MODELS: dict[str, Callable[[], AnomalibModule]] = {
         condition_channels=8,
         warmup_epochs=1,
         pre_processor=_pre_processor(MsFlow),
+    ),
+    # The 4 x 4 grid of 64 px images leaves room for a 3 x 3 neighbour mask, not the paper's 7 x 7.
+    "uni_ad": lambda: UniAd(
+        backbone="tf_efficientnet_lite0",
+        hidden_channels=32,
+        num_heads=2,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        feedforward_channels=64,
+        neighbor_size=3,
+        lr=5e-3,
+        pre_processor=_pre_processor(UniAd),
     ),
     "vq_flow": lambda: VqFlow(
         backbone="tf_efficientnet_lite0",

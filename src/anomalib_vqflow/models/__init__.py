@@ -6,6 +6,7 @@ Each is a direct ``AnomalibModule`` subclass, so that ``anomalib.models.list_mod
 
 from .hgad import Hgad
 from .msflow import MsFlow
+from .uniad import UniAd
 from .vqflow import VqFlow
 
-__all__ = ["Hgad", "MsFlow", "VqFlow"]
+__all__ = ["Hgad", "MsFlow", "UniAd", "VqFlow"]

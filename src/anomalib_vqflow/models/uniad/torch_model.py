@@ -1,0 +1,359 @@
+"""PyTorch model of UniAD: reconstruct frozen multi-stage features with a neighbour-masked transformer.
+
+Pipeline (You et al., NeurIPS 2022, "A Unified Model for Multi-class Anomaly Detection"):
+
+1. a frozen backbone gives four stages (strides 2, 4, 8 and 16 by default); each is
+   resampled bilinearly (``align_corners=True``) to the stride-16 grid and the stages are
+   concatenated: the **reconstruction target** (272 channels for EfficientNet-B4);
+2. while training, the tokens are **jittered** (:func:`feature_jitter`) before a linear
+   projection to the transformer width, so that the network must remove perturbations
+   of normal features rather than learn an identity map;
+3. a post-norm transformer encoder, then a decoder whose every layer has its **own learned
+   query** per grid position (:class:`LayerwiseQueryDecoderLayer`): attention 1 reads the
+   encoder output, attention 2 the previous decoder layer's output;
+4. **neighbour-masked attention** (:func:`neighbor_mask`) in the encoder and in both decoder
+   attentions: no position may look at its own ``7 x 7`` neighbourhood, so it cannot copy
+   an anomaly from itself or its neighbours;
+5. a linear projection back to the feature channels; the anomaly map is the per-position
+   error norm (:mod:`.anomaly_map`).
+
+The learned queries and position embeddings have one entry per grid position, so the model
+is built for one input size (Anomalib's pre-processor sets it) and refuses other sizes.
+
+Example:
+    >>> import torch
+    >>> model = UniAdModel((64, 64), backbone="tf_efficientnet_lite0", pre_trained=False, hidden_channels=32,
+    ...                    num_heads=2, num_encoder_layers=1, num_decoder_layers=1, feedforward_channels=64,
+    ...                    neighbor_size=1)
+    >>> output = model.eval()(torch.rand(1, 3, 64, 64))
+    >>> output.pred_score.shape, output.anomaly_map.shape
+    (torch.Size([1]), torch.Size([1, 1, 64, 64]))
+"""
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_vqflow.components.backbone import FeatureExtractor
+
+from .anomaly_map import UniAdAnomalyMapGenerator
+
+# Backbone strides UniAD taps (EfficientNet-B4 blocks 1, 5, 9 and 21), used when ``layers`` is not given.
+PAPER_STRIDES = (2, 4, 8, 16)
+
+
+def neighbor_mask(height: int, width: int, size: int) -> torch.Tensor:
+    """Attention mask of a ``height x width`` grid: ``True`` where a query may **not** attend to a key.
+
+    Position ``(i, j)`` is blocked from every key ``(k, l)`` with ``|i - k| <= size // 2`` and
+    ``|j - l| <= size // 2``: its ``size x size`` neighbourhood (``size + 1`` wide for even
+    sizes), itself included, cut at the border, as the official ``generate_mask``. Rows and
+    columns are positions in row-major order.
+
+    Raises:
+        ValueError: If ``size`` is below 1.
+
+    Example:
+        >>> neighbor_mask(2, 3, size=3).int()
+        tensor([[1, 1, 0, 1, 1, 0],
+                [1, 1, 1, 1, 1, 1],
+                [0, 1, 1, 0, 1, 1],
+                [1, 1, 0, 1, 1, 0],
+                [1, 1, 1, 1, 1, 1],
+                [0, 1, 1, 0, 1, 1]], dtype=torch.int32)
+    """
+    if size < 1:
+        msg = f"neighbor_size is the side of a window of grid positions, at least 1; got {size}."
+        raise ValueError(msg)
+    rows = torch.arange(height).repeat_interleave(width)
+    columns = torch.arange(width).repeat(height)
+    row_distance = (rows[:, None] - rows[None, :]).abs()
+    column_distance = (columns[:, None] - columns[None, :]).abs()
+    return (row_distance <= size // 2) & (column_distance <= size // 2)
+
+
+def feature_jitter(tokens: torch.Tensor, scale: float, probability: float = 1.0) -> torch.Tensor:
+    """Add Gaussian noise scaled by each token's norm: ``f + eps * scale * ||f||_2 / C`` with ``eps ~ N(0, I)``.
+
+    With probability ``probability`` per call (per batch), as UniAD; otherwise ``tokens`` is
+    returned unchanged. The norm is divided by the number of channels ``C``, not by ``sqrt(C)``, as
+    in the official code: the noise's standard deviation per channel is ``scale / sqrt(C)`` times the
+    token's root-mean-square value.
+
+    Args:
+        tokens: Features of shape ``(..., C)``.
+        scale: Noise scale (UniAD: 20).
+        probability: Chance of jittering this call (UniAD: 1).
+    """
+    if torch.rand(()) >= probability:
+        return tokens
+    norms = tokens.norm(dim=-1, keepdim=True) / tokens.shape[-1]
+    return tokens + torch.randn_like(tokens) * norms * scale
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """Learned 2-D position embedding: half of the channels per column, half per row, initialised uniform in [0, 1).
+
+    Args:
+        grid: ``(height, width)`` of the feature grid.
+        channels: Embedding width (even); the column part comes first.
+    """
+
+    def __init__(self, grid: tuple[int, int], channels: int) -> None:
+        super().__init__()
+        if channels % 2:
+            msg = f"The position embedding splits its channels between rows and columns; got odd channels={channels}."
+            raise ValueError(msg)
+        self.grid = grid
+        self.column_embedding = nn.Parameter(torch.rand(grid[1], channels // 2))
+        self.row_embedding = nn.Parameter(torch.rand(grid[0], channels // 2))
+
+    def forward(self) -> torch.Tensor:
+        """Return the ``(height * width, channels)`` embedding, positions in row-major order."""
+        height, width = self.grid
+        columns = self.column_embedding.unsqueeze(0).expand(height, -1, -1)
+        rows = self.row_embedding.unsqueeze(1).expand(-1, width, -1)
+        return torch.cat([columns, rows], dim=-1).flatten(0, 1)
+
+
+class _FeedForward(nn.Sequential):
+    def __init__(self, channels: int, hidden_channels: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(channels, hidden_channels),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_channels, channels),
+            nn.Dropout(dropout),
+        )
+
+
+class NeighborMaskedEncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer; the position embedding is added to queries and keys only.
+
+    Args:
+        channels: Token width.
+        num_heads: Attention heads.
+        feedforward_channels: Hidden width of the feed-forward block.
+        dropout: Dropout on attention weights, residual branches and the feed-forward block.
+    """
+
+    def __init__(self, channels: int, num_heads: int, feedforward_channels: int, dropout: float) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(channels, num_heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(channels)
+        self.feedforward = _FeedForward(channels, feedforward_channels, dropout)
+        self.norm2 = nn.LayerNorm(channels)
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Return the updated ``(N, L, C)`` tokens; ``mask`` is ``(L, L)`` with ``True`` where attention is blocked."""
+        query = tokens + position
+        attended = self.attention(query, query, tokens, attn_mask=mask, need_weights=False)[0]
+        tokens = self.norm1(tokens + self.dropout(attended))
+        return self.norm2(tokens + self.feedforward(tokens))
+
+
+class LayerwiseQueryDecoderLayer(nn.Module):
+    """Post-norm decoder layer whose query is its own learned embedding of every grid position.
+
+    Attention 1 takes the layer's query (plus position) against the encoder output; attention 2
+    takes the result against the previous decoder layer's output (the encoder output for the
+    first layer). Because the query never comes from the input, the decoder cannot pass an
+    anomalous feature straight through.
+
+    Args:
+        num_positions: Grid positions, one learned query each.
+        channels: Token width.
+        num_heads: Attention heads.
+        feedforward_channels: Hidden width of the feed-forward block.
+        dropout: Dropout on attention weights, residual branches and the feed-forward block.
+    """
+
+    def __init__(
+        self, num_positions: int, channels: int, num_heads: int, feedforward_channels: int, dropout: float
+    ) -> None:
+        super().__init__()
+        # N(0, 1), the initialisation of the official nn.Embedding queries (Xavier only touches linear layers).
+        self.query = nn.Parameter(torch.randn(num_positions, channels))
+        self.memory_attention = nn.MultiheadAttention(channels, num_heads, dropout=dropout, batch_first=True)
+        self.previous_attention = nn.MultiheadAttention(channels, num_heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(channels)
+        self.norm2 = nn.LayerNorm(channels)
+        self.feedforward = _FeedForward(channels, feedforward_channels, dropout)
+        self.norm3 = nn.LayerNorm(channels)
+
+    def forward(
+        self, previous: torch.Tensor, memory: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Return ``(N, L, C)`` tokens from the previous layer's output and the encoder output ``memory``."""
+        query = self.query.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        attended = self.memory_attention(
+            query + position, memory + position, memory, attn_mask=mask, need_weights=False
+        )[0]
+        tokens = self.norm1(query + self.dropout1(attended))
+        attended = self.previous_attention(
+            tokens + position, previous + position, previous, attn_mask=mask, need_weights=False
+        )[0]
+        tokens = self.norm2(tokens + self.dropout2(attended))
+        return self.norm3(tokens + self.feedforward(tokens))
+
+
+class UniAdReconstruction(NamedTuple):
+    """Training output: the reconstruction from jittered features and the clean target, both ``(N, C, h, w)``."""
+
+    reconstruction: torch.Tensor
+    target: torch.Tensor
+
+
+class UniAdModel(nn.Module):
+    """UniAD: multi-stage feature reconstruction with layer-wise queries and neighbour-masked attention.
+
+    Args:
+        input_size: ``(height, width)`` of the pre-processed images the model is built for.
+        backbone: timm model name (paper: ``efficientnet_b4``; offline: ``tf_efficientnet_lite0``).
+        layers: timm feature indices to tap; ``None`` picks the stages at strides 2, 4, 8 and 16.
+        pre_trained: Load ImageNet weights (offline for tf_efficientnet_lite0/1/2).
+        backbone_weights: Local weight file for the backbone, instead of downloading.
+        feature_stride: Stride of the grid every stage is resampled to (UniAD: 16).
+        hidden_channels: Transformer width (UniAD: 256).
+        num_heads: Attention heads (UniAD: 8).
+        num_encoder_layers: Encoder layers (UniAD: 4).
+        num_decoder_layers: Decoder layers, each with its own learned query (UniAD: 4).
+        feedforward_channels: Hidden width of the feed-forward blocks (UniAD: 1024).
+        dropout: Dropout in the transformer (UniAD: 0.1).
+        neighbor_size: Side of the blocked neighbourhood in grid positions (UniAD: 7); ``None`` turns
+            the mask off.
+        jitter_scale: Scale of the training feature jitter (UniAD: 20); 0 turns it off.
+        jitter_probability: Chance per batch of jittering (UniAD: 1).
+        pool_size: Average pooling in pixels before the image score's maximum (UniAD: 16).
+
+    Raises:
+        ValueError: If the neighbourhood covers the whole grid (every position would be blocked
+            from every key), or if the position embedding width is odd.
+    """
+
+    def __init__(
+        self,
+        input_size: tuple[int, int],
+        backbone: str = "efficientnet_b4",
+        layers: Sequence[int] | None = None,
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        feature_stride: int = 16,
+        hidden_channels: int = 256,
+        num_heads: int = 8,
+        num_encoder_layers: int = 4,
+        num_decoder_layers: int = 4,
+        feedforward_channels: int = 1024,
+        dropout: float = 0.1,
+        neighbor_size: int | None = 7,
+        jitter_scale: float = 20.0,
+        jitter_probability: float = 1.0,
+        pool_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        # Every timm CNN pads so that a stride-s stage of an H-pixel input has ceil(H / s) rows.
+        self.grid = (math.ceil(self.input_size[0] / feature_stride), math.ceil(self.input_size[1] / feature_stride))
+        self.jitter_scale = jitter_scale
+        self.jitter_probability = jitter_probability
+
+        mask = None
+        if neighbor_size is not None:
+            mask = neighbor_mask(*self.grid, size=neighbor_size)
+            if mask.all(dim=1).any():
+                msg = (
+                    f"neighbor_size={neighbor_size} blocks some position of the {self.grid[0]}x{self.grid[1]} feature "
+                    f"grid of {self.input_size[0]}x{self.input_size[1]} inputs from every other position. Use a "
+                    "smaller neighbor_size, larger images, or neighbor_size=None."
+                )
+                raise ValueError(msg)
+        # Derived from the grid, so rebuilt with the model and not stored in checkpoints.
+        self.register_buffer("attention_mask", mask, persistent=False)
+
+        self.feature_extractor = FeatureExtractor(
+            backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            weights=backbone_weights,
+            strides=PAPER_STRIDES if layers is None else None,
+        )
+        feature_channels = sum(self.feature_extractor.out_channels)
+        num_positions = self.grid[0] * self.grid[1]
+        self.input_projection = nn.Linear(feature_channels, hidden_channels)
+        self.position_embedding = LearnedPositionEmbedding(self.grid, hidden_channels)
+        self.encoder = nn.ModuleList(
+            NeighborMaskedEncoderLayer(hidden_channels, num_heads, feedforward_channels, dropout)
+            for _ in range(num_encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            LayerwiseQueryDecoderLayer(num_positions, hidden_channels, num_heads, feedforward_channels, dropout)
+            for _ in range(num_decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_channels)
+        self.output_projection = nn.Linear(hidden_channels, feature_channels)
+        for part in (self.input_projection, self.encoder, self.decoder, self.output_projection):
+            _xavier_uniform_linear(part)
+        self.anomaly_map_generator = UniAdAnomalyMapGenerator(pool_size=pool_size)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone stages resampled to the grid and concatenated: the ``(N, C, h, w)`` reconstruction target."""
+        if tuple(images.shape[-2:]) != self.input_size:
+            msg = (
+                f"UniAd was built for {self.input_size[0]}x{self.input_size[1]} images (one learned query and "
+                f"position per cell of its {self.grid[0]}x{self.grid[1]} grid), got "
+                f"{images.shape[-2]}x{images.shape[-1]}. Resize with the model's pre-processor."
+            )
+            raise ValueError(msg)
+        stages = self.feature_extractor(images)
+        return torch.cat(
+            [
+                stage
+                if tuple(stage.shape[-2:]) == self.grid
+                else F.interpolate(stage, size=self.grid, mode="bilinear", align_corners=True)
+                for stage in stages
+            ],
+            dim=1,
+        )
+
+    def reconstruct(self, target: torch.Tensor) -> torch.Tensor:
+        """Reconstruct ``(N, C, h, w)`` features; in training mode from a jittered copy."""
+        tokens = target.flatten(start_dim=2).transpose(1, 2)
+        if self.training and self.jitter_scale > 0:
+            tokens = feature_jitter(tokens, self.jitter_scale, self.jitter_probability)
+        tokens = self.input_projection(tokens)
+        position = self.position_embedding().unsqueeze(0)
+        memory = tokens
+        for layer in self.encoder:
+            memory = layer(memory, position, self.attention_mask)
+        decoded = memory
+        for layer in self.decoder:
+            decoded = layer(decoded, memory, position, self.attention_mask)
+        reconstruction = self.output_projection(self.decoder_norm(decoded))
+        return reconstruction.transpose(1, 2).reshape(target.shape)
+
+    def forward(self, images: torch.Tensor) -> UniAdReconstruction | InferenceBatch:
+        """Return the reconstruction and its target in training mode, an ``InferenceBatch`` in eval mode."""
+        target = self.features(images)
+        reconstruction = self.reconstruct(target)
+        if self.training:
+            return UniAdReconstruction(reconstruction, target)
+        pred_score, anomaly_map = self.anomaly_map_generator(reconstruction, target, self.input_size)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+
+def _xavier_uniform_linear(module: nn.Module) -> None:
+    """UniAD's initialisation: Xavier-uniform weights and zero biases for every linear layer of ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
