@@ -155,6 +155,7 @@ def test_stock_anomalib_command_trains_tests_and_exports(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (export_root / "weights" / "openvino" / "model.xml").is_file()
+    assert (export_root / "weights" / "openvino" / "score.py").is_file(), "the standalone scorer travels with it"
 
 
 def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:

@@ -5,6 +5,9 @@ and shared by the tests below, each of which runs for every model.
 """
 
 import copy
+import csv
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
+from PIL import Image
 
 from anomalib_vqflow.cli import openvino_inferencer
 from anomalib_vqflow.data import MultiClassMVTecAD
@@ -194,3 +198,93 @@ def test_checkpoint_loads_without_pickled_code(trained: Trained) -> None:
         expected, actual = model(images), restored(images)
     torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=0)
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+
+
+# Runs the exported folder's score.py as a script and reports whether torch was ever imported.
+_SCORE_WITHOUT_TORCH = """
+import runpy, sys
+script, arguments = sys.argv[1], sys.argv[2:]
+sys.argv = [script, *arguments]
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+print("torch imported:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+def _bad_and_converted_images(source: Path, folder: Path) -> None:
+    """Grayscale, RGBA and 16-bit versions of ``source``; a truncated PNG; a text file named like an image."""
+    rgb = Image.open(source).convert("RGB")
+    gray = rgb.convert("L")
+    gray.save(folder / "gray.png")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257).save(folder / "gray16.png")  # 8-bit value v -> 257 v
+    (folder / "truncated.png").write_bytes((folder / "gray.png").read_bytes()[:100])
+    (folder / "notes.png").write_text("not an image")
+    (folder / "readme.txt").write_text("ignored: not an image suffix")
+
+
+def _score(exported: Path, *arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", _SCORE_WITHOUT_TORCH, str(exported.parent / "score.py"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as table:
+        return list(csv.DictReader(table))
+
+
+def test_exported_folder_scores_images_without_torch(trained: Trained, tmp_path: Path) -> None:
+    """The OpenVINO export carries score.py: it scores like PyTorch, never imports torch, and reports bad files.
+
+    Raw outputs (no post-processor) for the strict comparison, as in the parity test above: the
+    deployed scores are clamped to [0, 1], which hides differences. The deployed export adds labels.
+    """
+    _, trained_model, engine, datamodule = trained
+    model = copy.deepcopy(trained_model).eval()
+    model.post_processor = None
+    exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path / "raw")
+    assert (exported.parent / "score.py").is_file()
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = datamodule.test_data.samples
+    chosen = list(range(0, len(samples), max(len(samples) // 3, 1)))
+    for index in chosen:
+        image = datamodule.test_data[index].image  # at the input size, as the parity tests
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(images / f"{index}.png")
+    _bad_and_converted_images(images / f"{chosen[0]}.png", images)
+
+    result = _score(exported, "--images", str(images), "--output", str(tmp_path / "raw_scored"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "torch imported: False" in result.stdout
+    assert "truncated.png" in result.stderr
+    assert "notes.png" in result.stderr
+    failed = _read_csv(tmp_path / "raw_scored" / "failed.csv")
+    assert sorted(Path(row["image"]).name for row in failed) == ["notes.png", "truncated.png"]
+    rows = _read_csv(tmp_path / "raw_scored" / "scores.csv")
+    scores = {Path(row["image"]).name: float(row["pred_score"]) for row in rows}
+    assert set(scores) == {f"{index}.png" for index in chosen} | {"gray.png", "rgba.png", "gray16.png"}
+    assert len(list((tmp_path / "raw_scored" / "overlays").glob("*.png"))) == len(scores)
+    assert scores["gray16.png"] == pytest.approx(scores["gray.png"], rel=1e-6)
+    for index in chosen:
+        image = torch.from_numpy(np.asarray(Image.open(images / f"{index}.png"), dtype=np.float32) / 255.0)
+        with torch.no_grad():
+            expected = float(model(image.permute(2, 0, 1).unsqueeze(0)).pred_score)
+        assert abs(scores[f"{index}.png"] - expected) <= 1e-3 * max(abs(expected), 1e-12), index
+    assert len({scores[f"{index}.png"] for index in chosen}) == len(chosen), "raw scores must differ between images"
+
+    deployed = engine.export(model=trained_model, export_type=ExportType.OPENVINO, export_root=tmp_path / "deployed")
+    result = _score(deployed, "--images", str(images), "--output", str(tmp_path / "scored"), "--no-overlays")
+    assert result.returncode == 1, result.stderr[-2000:]
+    rows = _read_csv(tmp_path / "scored" / "scores.csv")
+    assert all(0.0 <= float(row["pred_score"]) <= 1.0 for row in rows)
+    assert {row["pred_label"] for row in rows} <= {"0", "1"}
+    assert not (tmp_path / "scored" / "overlays").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _score(deployed, "--images", str(empty))
+    assert result.returncode == 2
+    assert "No images" in result.stderr

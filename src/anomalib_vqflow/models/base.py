@@ -33,6 +33,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 from torch.utils.data import DataLoader
 
+from anomalib_vqflow.deploy import write_scorer
 from anomalib_vqflow.evaluation import UnifiedEvaluator
 
 
@@ -66,6 +67,15 @@ class UnifiedModelMixin:
         """Anomalib's components, with the evaluator ahead of the post-processor."""
         components = (self.pre_processor, self.evaluator, self.post_processor, self.visualizer)
         return [component for component in components if isinstance(component, Callback)]
+
+    def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """Anomalib's OpenVINO export, plus ``score.py`` next to ``model.xml``: scoring without PyTorch.
+
+        See :mod:`anomalib_vqflow.deploy.score`; ``anomalib export`` and ``Engine.export`` both come here.
+        """
+        model_file = super().to_openvino(export_root, *args, **kwargs)  # type: ignore[misc]
+        write_scorer(model_file.parent)
+        return model_file
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""

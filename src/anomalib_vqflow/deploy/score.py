@@ -1,0 +1,183 @@
+"""Score a folder of images with an exported OpenVINO model, without PyTorch or Anomalib.
+
+Every OpenVINO export of a plugin model carries a copy of this file next to ``model.xml``,
+so that an inspection PC needs only the exported folder, ``openvino`` and ``pillow``::
+
+    pip install openvino pillow
+    python weights/openvino/score.py --images ./line_camera --output ./scored
+
+The exported graph holds the whole model: resizing and normalisation, the network, and
+Anomalib's post-processing (score normalisation and the thresholds learned on validation
+images). This script reads each image as Anomalib's ``OpenVINOInferencer`` does (RGB,
+float in [0, 1], channels first), runs the graph, and writes:
+
+- ``scores.csv``: one row per image, ``image,pred_score,pred_label`` (normalised score in
+  [0, 1], label 1 = anomalous at the learned threshold);
+- ``overlays/<image name>.png`` (unless ``--no-overlays``): the image next to its anomaly map
+  blended over it, with the region above the threshold outlined;
+- ``failed.csv``: files that could not be scored and why (unreadable, truncated, not an
+  image). Scoring goes on past them; they are listed at the end and the exit status is 1.
+
+Conversions, applied silently because they lose nothing a model trained on RGB images uses:
+grayscale and palette images are expanded to RGB, RGBA drops its alpha channel, 16-bit images
+are scaled from [0, 65535] to [0, 1]. Images of any size are accepted: the graph resizes them
+(without antialiasing; for the exact training-time behaviour, give images at the model's
+input size).
+
+OpenVINO picks bf16 on CPUs that support it, which moves scores by about 1e-2; the default
+here is f32 (``--precision f32``), ``--precision auto`` leaves the choice to OpenVINO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+from PIL import Image, ImageFilter, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Return the image at ``path`` as ``(H, W, 3)`` float32 in [0, 1] (see the module docstring for conversions)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+            gray = np.asarray(image, dtype=np.float32) / 65535.0
+            return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def find_images(sources: list[Path]) -> list[Path]:
+    """Return the image files among ``sources``: files whatever their suffix, folders searched recursively."""
+    images: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            images.extend(sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif source.is_file():
+            images.append(source)
+        else:
+            msg = f"No such file or folder: {source}"
+            raise FileNotFoundError(msg)
+    return images
+
+
+class ExportedModel:
+    """An exported Anomalib model compiled for one device.
+
+    Args:
+        model_file: ``model.xml`` (or ``.onnx``) written by ``anomalib export`` / ``Engine.export``.
+        device: OpenVINO device name.
+        precision: ``"f32"`` to match PyTorch, ``"auto"`` for OpenVINO's default (bf16 where the CPU has it).
+    """
+
+    def __init__(self, model_file: Path, device: str = "CPU", precision: str = "f32") -> None:
+        if not model_file.is_file():
+            msg = f"No exported model at {model_file}"
+            raise FileNotFoundError(msg)
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+        self.compiled = ov.Core().compile_model(str(model_file), device, config)
+        self.output_names = [output.any_name for output in self.compiled.outputs]
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on one ``(H, W, 3)`` image: ``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``."""
+        batch = np.ascontiguousarray(image.transpose(2, 0, 1)[None])
+        results = self.compiled(batch)
+        return {name: np.asarray(results[name]) for name in self.output_names}
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 with a jet-like colour ramp (blue, cyan, yellow, red)."""
+    values = np.clip(values, 0.0, 1.0)
+    red = np.clip(1.5 - np.abs(4.0 * values - 3.0), 0.0, 1.0)
+    green = np.clip(1.5 - np.abs(4.0 * values - 2.0), 0.0, 1.0)
+    blue = np.clip(1.5 - np.abs(4.0 * values - 1.0), 0.0, 1.0)
+    return (np.stack([red, green, blue], axis=-1) * 255).astype(np.uint8)
+
+
+def save_overlay(path: Path, image: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+    """Save the image and, next to it, its anomaly map blended over it with the predicted region outlined."""
+    height, width = image.shape[:2]
+    anomaly_map = outputs["anomaly_map"].squeeze().astype(np.float32)
+    resized_map = np.asarray(Image.fromarray(anomaly_map).resize((width, height), Image.BILINEAR))
+    heat = _jet(resized_map).astype(np.float32)
+    picture = (255 * image).astype(np.float32)
+    blended = (0.5 * picture + 0.5 * heat).astype(np.uint8)
+    if "pred_mask" in outputs:
+        mask = Image.fromarray((outputs["pred_mask"].squeeze() > 0).astype(np.uint8) * 255).resize((width, height))
+        edge = np.asarray(mask.filter(ImageFilter.FIND_EDGES)) > 0
+        blended[edge] = (255, 255, 255)
+    side_by_side = np.concatenate([picture.astype(np.uint8), blended], axis=1)
+    Image.fromarray(side_by_side).save(path)
+
+
+def score_images(
+    model: ExportedModel, images: list[Path], output: Path, overlays: bool = True
+) -> tuple[int, list[tuple[Path, str]]]:
+    """Score ``images`` into ``output`` (``scores.csv``, overlays); return the number scored and the failures."""
+    output.mkdir(parents=True, exist_ok=True)
+    if overlays:
+        (output / "overlays").mkdir(exist_ok=True)
+    failures: list[tuple[Path, str]] = []
+    scored = 0
+    with (output / "scores.csv").open("w", newline="") as table:
+        writer = csv.writer(table)
+        writer.writerow(["image", "pred_score", "pred_label"])
+        for index, path in enumerate(images):
+            try:
+                image = read_image(path)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+                failures.append((path, f"{type(error).__name__}: {error}"))
+                continue
+            outputs = model(image)
+            score = float(outputs["pred_score"].squeeze())
+            label = int(bool(outputs["pred_label"].squeeze())) if "pred_label" in outputs else ""
+            writer.writerow([str(path), f"{score:.6g}", label])
+            scored += 1
+            if overlays:
+                # The index keeps images of the same name from different folders apart.
+                save_overlay(output / "overlays" / f"{index:05d}_{path.stem}.png", image, outputs)
+    with (output / "failed.csv").open("w", newline="") as table:
+        writer = csv.writer(table)
+        writer.writerow(["image", "reason"])
+        writer.writerows([str(path), reason] for path, reason in failures)
+    return scored, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: score images, print a summary; exit 1 if some files failed, 2 on a usage error."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, nargs="+", required=True, help="image files and/or folders")
+    parser.add_argument("--output", type=Path, default=Path("scored"), help="folder for scores.csv and overlays")
+    parser.add_argument(
+        "--model", type=Path, default=Path(__file__).with_name("model.xml"), help="exported model (default: alongside)"
+    )
+    parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, NPU, AUTO)")
+    parser.add_argument("--precision", choices=["f32", "auto"], default="f32", help="f32 matches PyTorch")
+    parser.add_argument("--no-overlays", action="store_true", help="write scores only")
+    args = parser.parse_args(argv)
+    try:
+        images = find_images(args.images)
+        if not images:
+            msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.images))}"
+            raise FileNotFoundError(msg)
+        model = ExportedModel(args.model, device=args.device, precision=args.precision)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    scored, failures = score_images(model, images, args.output, overlays=not args.no_overlays)
+    print(f"Scored {scored} of {len(images)} images -> {args.output / 'scores.csv'}")
+    if failures:
+        print(f"{len(failures)} files could not be scored (also in {args.output / 'failed.csv'}):", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
