@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_vqflow.deploy.score import find_images, read_image
+from anomalib_vqflow.deploy.score import find_images, read_image, score_images
 
 
 @pytest.fixture
@@ -21,18 +21,25 @@ def test_rgb_is_read_in_zero_one(tmp_path: Path, pixels: np.ndarray) -> None:
     np.testing.assert_array_equal(image, pixels / np.float32(255))
 
 
-def test_conversions(tmp_path: Path, pixels: np.ndarray) -> None:
-    """Grayscale, 16-bit, RGBA and palette images all come out as (H, W, 3) in [0, 1] with their content."""
-    gray = pixels[..., 0]
-    Image.fromarray(gray).save(tmp_path / "gray.png")
-    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+def test_conversions_match_anomalib(tmp_path: Path, pixels: np.ndarray) -> None:
+    """Grayscale, RGBA, palette and CMYK come out as Anomalib's reader gives them: what the model was trained on."""
+    from anomalib.data.utils import read_image as anomalib_read_image
+
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "gray.png")
     Image.fromarray(np.dstack([pixels, np.full((5, 7), 9, np.uint8)])).save(tmp_path / "rgba.png")
     Image.fromarray(pixels).convert("P").save(tmp_path / "palette.png")
-    expected_gray = np.repeat((gray / np.float32(255))[..., None], 3, axis=2)
-    np.testing.assert_array_equal(read_image(tmp_path / "gray.png"), expected_gray)
-    np.testing.assert_allclose(read_image(tmp_path / "gray16.png"), expected_gray, rtol=1e-6)
-    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), pixels / np.float32(255))
-    assert read_image(tmp_path / "palette.png").shape == (5, 7, 3)
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    for name in ("gray.png", "rgba.png", "palette.png", "cmyk.jpg"):
+        image = read_image(tmp_path / name)
+        assert image.shape == (5, 7, 3)
+        np.testing.assert_allclose(image, anomalib_read_image(tmp_path / name, as_tensor=False), atol=1e-7)
+
+
+def test_high_bit_depth_is_refused(tmp_path: Path, pixels: np.ndarray) -> None:
+    """Anomalib's reader clips 16-bit images to white; refusing them beats scoring what the model never saw."""
+    Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    with pytest.raises(ValueError, match=r"mode I.*gray16.png"):
+        read_image(tmp_path / "gray16.png")
 
 
 def test_bad_files_raise_what_the_scorer_catches(tmp_path: Path, pixels: np.ndarray) -> None:
@@ -52,3 +59,26 @@ def test_find_images(tmp_path: Path, pixels: np.ndarray) -> None:
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/1.png", "a/b/2.JPG", "a/notes.txt"]
     with pytest.raises(FileNotFoundError, match="missing"):
         find_images([tmp_path / "missing"])
+
+
+def test_a_failing_file_does_not_stop_the_batch(tmp_path: Path, pixels: np.ndarray) -> None:
+    """Whatever a file raises (here the model refuses one), the others are scored and it is listed."""
+    images = []
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(pixels).save(tmp_path / name)
+        images.append(tmp_path / name)
+
+    def model(image: np.ndarray) -> dict[str, np.ndarray]:
+        if model.calls == 1:  # type: ignore[attr-defined]
+            model.calls += 1  # type: ignore[attr-defined]
+            message = "incompatible input shape"
+            raise RuntimeError(message)
+        model.calls += 1  # type: ignore[attr-defined]
+        return {"pred_score": np.array([image.mean()]), "anomaly_map": image[..., 0]}
+
+    model.calls = 0  # type: ignore[attr-defined]
+    scored, failures = score_images(model, images, tmp_path / "out")  # type: ignore[arg-type]
+    assert scored == 2
+    assert [(path.name, reason) for path, reason in failures] == [("b.png", "RuntimeError: incompatible input shape")]
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
+    assert "b.png" in (tmp_path / "out" / "failed.csv").read_text()

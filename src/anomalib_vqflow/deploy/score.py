@@ -16,13 +16,15 @@ float in [0, 1], channels first), runs the graph, and writes:
 - ``overlays/<image name>.png`` (unless ``--no-overlays``): the image next to its anomaly map
   blended over it, with the region above the threshold outlined;
 - ``failed.csv``: files that could not be scored and why (unreadable, truncated, not an
-  image). Scoring goes on past them; they are listed at the end and the exit status is 1.
+  image, too large, an unsupported mode, a size a fixed-size export refuses). Scoring goes
+  on past them; they are listed at the end and the exit status is 1.
 
-Conversions, applied silently because they lose nothing a model trained on RGB images uses:
-grayscale and palette images are expanded to RGB, RGBA drops its alpha channel, 16-bit images
-are scaled from [0, 65535] to [0, 1]. Images of any size are accepted: the graph resizes them
-(without antialiasing; for the exact training-time behaviour, give images at the model's
-input size).
+Images are converted to RGB exactly as Anomalib reads them for training and testing
+(grayscale, palette, CMYK and 1-bit expanded, RGBA loses its alpha), so scores match.
+16-bit, 32-bit and float single-channel images are refused (Anomalib's reader clips them to
+white): convert them to 8-bit first. Exports made without ``input_size`` accept any image
+size (the graph resizes, without antialiasing; for the exact training-time behaviour, give
+images at the model's input size).
 
 OpenVINO picks bf16 on CPUs that support it, which moves scores by about 1e-2; the default
 here is f32 (``--precision f32``), ``--precision auto`` leaves the choice to OpenVINO.
@@ -37,18 +39,22 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Return the image at ``path`` as ``(H, W, 3)`` float32 in [0, 1] (see the module docstring for conversions)."""
+    """Return the image at ``path`` as ``(H, W, 3)`` float32 in [0, 1], converted as Anomalib's ``read_image``.
+
+    Raises:
+        ValueError: For 16-bit, 32-bit or float single-channel images, which that conversion clips.
+    """
     with Image.open(path) as image:
         image.load()
-        if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
-            gray = np.asarray(image, dtype=np.float32) / 65535.0
-            return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
+        if image.mode.startswith(("I", "F")):
+            msg = f"unsupported image mode {image.mode} ({path}); convert it to 8-bit RGB or grayscale"
+            raise ValueError(msg)
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
@@ -80,7 +86,11 @@ class ExportedModel:
             msg = f"No exported model at {model_file}"
             raise FileNotFoundError(msg)
         config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
-        self.compiled = ov.Core().compile_model(str(model_file), device, config)
+        try:
+            self.compiled = ov.Core().compile_model(str(model_file), device, config)
+        except RuntimeError as error:
+            msg = f"Cannot load {model_file} on {device}: {error}"
+            raise RuntimeError(msg) from error
         self.output_names = [output.any_name for output in self.compiled.outputs]
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -103,12 +113,13 @@ def save_overlay(path: Path, image: np.ndarray, outputs: dict[str, np.ndarray]) 
     """Save the image and, next to it, its anomaly map blended over it with the predicted region outlined."""
     height, width = image.shape[:2]
     anomaly_map = outputs["anomaly_map"].squeeze().astype(np.float32)
-    resized_map = np.asarray(Image.fromarray(anomaly_map).resize((width, height), Image.BILINEAR))
+    resized_map = np.asarray(Image.fromarray(anomaly_map).resize((width, height), Image.Resampling.BILINEAR))
     heat = _jet(resized_map).astype(np.float32)
     picture = (255 * image).astype(np.float32)
     blended = (0.5 * picture + 0.5 * heat).astype(np.uint8)
     if "pred_mask" in outputs:
-        mask = Image.fromarray((outputs["pred_mask"].squeeze() > 0).astype(np.uint8) * 255).resize((width, height))
+        mask = Image.fromarray((outputs["pred_mask"].squeeze() > 0).astype(np.uint8) * 255)
+        mask = mask.resize((width, height), Image.Resampling.NEAREST)
         edge = np.asarray(mask.filter(ImageFilter.FIND_EDGES)) > 0
         blended[edge] = (255, 255, 255)
     side_by_side = np.concatenate([picture.astype(np.uint8), blended], axis=1)
@@ -130,17 +141,22 @@ def score_images(
         for index, path in enumerate(images):
             try:
                 image = read_image(path)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+                outputs = model(image)
+            # Any error: one bad file (a decompression bomb, a size a fixed-size export refuses) must not stop all.
+            except Exception as error:
                 failures.append((path, f"{type(error).__name__}: {error}"))
                 continue
-            outputs = model(image)
             score = float(outputs["pred_score"].squeeze())
             label = int(bool(outputs["pred_label"].squeeze())) if "pred_label" in outputs else ""
             writer.writerow([str(path), f"{score:.6g}", label])
             scored += 1
-            if overlays:
-                # The index keeps images of the same name from different folders apart.
-                save_overlay(output / "overlays" / f"{index:05d}_{path.stem}.png", image, outputs)
+            if overlays and "anomaly_map" in outputs:
+                try:
+                    # The index keeps images of the same name from different folders apart.
+                    save_overlay(output / "overlays" / f"{index:05d}_{path.stem}.png", image, outputs)
+                # The score is already written; only the picture is lost.
+                except Exception as error:
+                    failures.append((path, f"overlay: {type(error).__name__}: {error}"))
     with (output / "failed.csv").open("w", newline="") as table:
         writer = csv.writer(table)
         writer.writerow(["image", "reason"])
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.images))}"
             raise FileNotFoundError(msg)
         model = ExportedModel(args.model, device=args.device, precision=args.precision)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     scored, failures = score_images(model, images, args.output, overlays=not args.no_overlays)
