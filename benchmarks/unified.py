@@ -54,6 +54,24 @@ def combined_root(roots: list[Path], categories: list[str] | None, folder: Path)
     return folder
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--roots`` (MVTec-layout folders) and ``--demo`` (the embedded demo categories)."""
+    parser.add_argument("--roots", type=Path, nargs="*", default=[], help="MVTec-layout folders of categories")
+    parser.add_argument("--demo", action="store_true", help="add the embedded demo categories")
+
+
+def data_roots(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Path]:
+    """The folders that ``--roots`` and ``--demo`` name (the demo data generated if needed); a usage error if none."""
+    roots = list(args.roots)
+    if args.demo:
+        demo = DemoMultiClass()
+        demo.prepare_data()
+        roots.append(demo.root)
+    if not roots:
+        parser.error("give --roots and/or --demo")
+    return roots
+
+
 def peak_memory_mib() -> tuple[float, float]:
     """Peak resident memory so far, in MiB: of this process, and of its largest finished child (data workers)."""
     return (
@@ -135,8 +153,7 @@ def run_model(entry: str, variant: str, root: Path, output: Path, seed: int, max
 def main() -> int:
     """Parse the arguments, run every model, write ``summary.json`` and ``summary.md``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--roots", type=Path, nargs="*", default=[], help="MVTec-layout folders of categories")
-    parser.add_argument("--demo", action="store_true", help="add the embedded demo categories")
+    add_data_arguments(parser)
     parser.add_argument("--categories", nargs="*", default=None, help="restrict to these categories")
     parser.add_argument(
         "--models", nargs="+", default=["ms_flow"], help="list_models() names, each optionally name:argument=value,..."
@@ -147,13 +164,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/unified"))
     args = parser.parse_args()
 
-    roots = list(args.roots)
-    if args.demo:
-        demo = DemoMultiClass()
-        demo.prepare_data()
-        roots.append(demo.root)
-    if not roots:
-        parser.error("give --roots and/or --demo")
+    roots = data_roots(parser, args)
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         root = combined_root(roots, args.categories, Path(folder) / "unified")

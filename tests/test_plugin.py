@@ -107,7 +107,7 @@ def _data_arguments(root: Path) -> list[str]:
         ("UniAd", "MultiClassMVTecAD"),
     ],
 )
-def test_stock_anomalib_command_trains_tests_and_exports(
+def test_stock_anomalib_command_trains_tests_and_exports_to_openvino_and_onnx(
     demo_root: Path, tmp_path: Path, model: str, data: str
 ) -> None:
     result = _run(
@@ -137,25 +137,29 @@ def test_stock_anomalib_command_trains_tests_and_exports(
     export_root = tmp_path / "exported"
     # As the README writes it: the architecture and all weights come from the checkpoint, and
     # `--model.pre_trained false` spares the placeholder model the CLI builds first a download.
-    result = _run(
-        [
-            ANOMALIB,
-            "export",
-            "--model",
-            model,
-            "--model.pre_trained",
-            "false",
-            "--ckpt_path",
-            str(checkpoint),
-            "--export_type",
-            "openvino",
-            "--export_root",
-            str(export_root),
-        ]
-    )
+    export = [
+        ANOMALIB,
+        "export",
+        "--model",
+        model,
+        "--model.pre_trained",
+        "false",
+        "--ckpt_path",
+        str(checkpoint),
+        "--export_type",
+        "openvino",
+        "--export_root",
+        str(export_root),
+    ]
+    result = _run(export)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (export_root / "weights" / "openvino" / "model.xml").is_file()
     assert (export_root / "weights" / "openvino" / "score.py").is_file(), "the standalone scorer travels with it"
+    onnx_export = [*export[:-3], "onnx", *export[-2:]]
+    result = _run(onnx_export)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (export_root / "weights" / "onnx" / "model.onnx").is_file()
+    assert (export_root / "weights" / "onnx" / "score.py").is_file()
 
 
 def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:

@@ -1,11 +1,21 @@
 """Numerical checks of the shared flow blocks: invertibility and log-determinants against brute force."""
 
+from pathlib import Path
+
 import numpy as np
+import onnx
+import openvino as ov
 import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from anomalib_vqflow.components.flows import FusionCoupling, MlpSubnet, ParallelFlows, conditional_flow
+from anomalib_vqflow.components.flows import (
+    ChannelLayerNorm,
+    FusionCoupling,
+    MlpSubnet,
+    ParallelFlows,
+    conditional_flow,
+)
 from anomalib_vqflow.components.positional import positional_encoding_2d
 
 
@@ -128,3 +138,24 @@ def test_vector_flow_with_soft_permutations_inverts_and_has_exact_log_det() -> N
     for row in range(6):
         full = jacobian(lambda x, r=row: flow(x.unsqueeze(0), c=[condition[r : r + 1]])[0].squeeze(0), vectors[row])
         assert log_jacobian[row].item() == pytest.approx(torch.linalg.slogdet(full).logabsdet.item(), abs=1e-5)
+
+
+def test_channel_layer_norm_exports_the_same_normalisation(tmp_path: Path) -> None:
+    """The form written for export (channel axis, no transposes) equals nn.LayerNorm on channels-last views."""
+    torch.manual_seed(0)
+    norm = ChannelLayerNorm(6)
+    with torch.no_grad():
+        norm.norm.weight.normal_()
+        norm.norm.bias.normal_()
+    x = 3.0 * torch.randn(2, 6, 5, 7) + 1.0
+    with torch.no_grad():
+        expected = norm.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)
+    path = tmp_path / "norm.onnx"
+    torch.onnx.export(norm, (x,), str(path), dynamo=True)
+    graph = onnx.load(str(path)).graph
+    assert "Transpose" not in {node.op_type for node in graph.node}
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(compiled([x.numpy()])[0], expected.numpy(), rtol=0, atol=1e-5)
+    assert [name for name, _ in norm.named_parameters()] == ["norm.weight", "norm.bias"]

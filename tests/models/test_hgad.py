@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
+from anomalib.models.components.filters import GaussianBlur2d
 
 from anomalib_vqflow.components.priors import HierarchicalGaussianMixture
 from anomalib_vqflow.data import MultiClassMVTecAD
 from anomalib_vqflow.models import Hgad
-from anomalib_vqflow.models.hgad.anomaly_map import HgadAnomalyMapGenerator
+from anomalib_vqflow.models.hgad.anomaly_map import HgadAnomalyMapGenerator, SeparableGaussianBlur
 from anomalib_vqflow.models.hgad.loss import HgadLoss, mutual_information, smoothed_one_hot
 from anomalib_vqflow.models.hgad.torch_model import FeatureStandardizer, HgadModel
 
@@ -245,3 +246,13 @@ def test_labelled_training_resumes_with_its_components_and_categories(demo_root:
 def test_blur_must_fit_in_the_map() -> None:
     with pytest.raises(ValueError, match="map_size larger than the blur kernel"):
         HgadAnomalyMapGenerator(num_levels=3, map_size=32, blur_sigma=4.0)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_separable_blur_equals_anomalibs_two_dimensional_blur(sigma: float) -> None:
+    maps = torch.rand(2, 1, 40, 36, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    maps[0, 0, 3, 30] = 50.0  # a peak near the border, where the reflect padding matters
+    expected = GaussianBlur2d(sigma=sigma, channels=1).double()(maps)
+    # The 2-D kernel is the float32 outer product of the 1-D one: equal up to float32 rounding of its entries.
+    torch.testing.assert_close(SeparableGaussianBlur(sigma).double()(maps), expected, rtol=1e-6, atol=1e-9)
+    assert "blur.kernel" not in HgadAnomalyMapGenerator(num_levels=1, map_size=64, blur_sigma=sigma).state_dict()

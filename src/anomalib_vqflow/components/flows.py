@@ -46,7 +46,14 @@ _OUTPUT_LIMIT = 1e6
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of an ``(N, C, H, W)`` map."""
+    """LayerNorm over the channels of an ``(N, C, H, W)`` map.
+
+    PyTorch runs ``nn.LayerNorm`` on channels-last views (its fused kernel trains about 30%
+    faster here than the normalisation written out). An export writes the normalisation out
+    along the channel axis instead: the same values up to rounding, and OpenVINO runs it as
+    one fused normalisation, without the two transposes and layout changes around every
+    coupling subnet that cost the exported CPU models more time than the normalisation itself.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -54,7 +61,11 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise every pixel's channel vector."""
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if not torch.compiler.is_exporting():
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        centered = x - x.mean(dim=1, keepdim=True)
+        normalised = centered * torch.rsqrt(centered.pow(2).mean(dim=1, keepdim=True) + self.norm.eps)
+        return normalised * self.norm.weight.view(1, -1, 1, 1) + self.norm.bias.view(1, -1, 1, 1)
 
 
 class ConvLayerNormSubnet(nn.Sequential):

@@ -1,7 +1,8 @@
 """Score a folder of images with an exported OpenVINO model, without PyTorch or Anomalib.
 
-Every OpenVINO export of a plugin model carries a copy of this file next to ``model.xml``,
-so that an inspection PC needs only the exported folder, ``openvino`` and ``pillow``::
+Every OpenVINO and ONNX export of a plugin model carries a copy of this file next to
+``model.xml`` (``model.onnx``), so that an inspection PC needs only the exported folder,
+``openvino`` and ``pillow``::
 
     pip install openvino pillow
     python weights/openvino/score.py --images ./line_camera --output ./scored
@@ -164,13 +165,19 @@ def score_images(
     return scored, failures
 
 
+def default_model_file() -> Path:
+    """Return the export next to this script: ``model.xml`` (OpenVINO export), else ``model.onnx`` (ONNX export)."""
+    openvino_file = Path(__file__).with_name("model.xml")
+    return openvino_file if openvino_file.is_file() else openvino_file.with_suffix(".onnx")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: score images, print a summary; exit 1 if some files failed, 2 on a usage error."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, nargs="+", required=True, help="image files and/or folders")
     parser.add_argument("--output", type=Path, default=Path("scored"), help="folder for scores.csv and overlays")
     parser.add_argument(
-        "--model", type=Path, default=Path(__file__).with_name("model.xml"), help="exported model (default: alongside)"
+        "--model", type=Path, default=None, help="exported model (default: model.xml, else model.onnx, alongside)"
     )
     parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, NPU, AUTO)")
     parser.add_argument("--precision", choices=["f32", "auto"], default="f32", help="f32 matches PyTorch")
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if not images:
             msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, args.images))}"
             raise FileNotFoundError(msg)
-        model = ExportedModel(args.model, device=args.device, precision=args.precision)
+        model = ExportedModel(args.model or default_model_file(), device=args.device, precision=args.precision)
     except (FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -77,6 +77,12 @@ class UnifiedModelMixin:
         write_scorer(model_file.parent)
         return model_file
 
+    def to_onnx(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """Anomalib's ONNX export, plus ``score.py`` next to ``model.onnx`` (OpenVINO runs ONNX files as they are)."""
+        model_file = super().to_onnx(export_root, *args, **kwargs)  # type: ignore[misc]
+        write_scorer(model_file.parent)
+        return model_file
+
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
         del args, kwargs
