@@ -14,6 +14,9 @@ scores; the post-processor's clamping creates ties) in these variants:
   (``CompressionType.INT8_PTQ``, NNCF), calibrated on the validation split, i.e. good
   *training* images: no test image is seen before scoring.
 
+The plugin's models apply both INT8 variants to the backbone only
+(:mod:`anomalib_vqflow.deploy.quantization`); a variant that fails is listed with its error.
+
 Every variant scores every test image (at the model's input size, as the PyTorch test loop
 feeds them) and the per-category table is computed from its raw outputs with the plugin's
 evaluation. The output lists the mean image / pixel AUROC and AUPRO, the pooled image
@@ -39,9 +42,11 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import torch
+from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
 from anomalib.models import get_model
+from torchvision.transforms.v2 import Resize
 
 from anomalib_vqflow.data import MultiClassMVTecAD
 from anomalib_vqflow.evaluation import compute_metrics_table
@@ -84,35 +89,50 @@ def evaluate(name: str, checkpoint: Path, datamodule: MultiClassMVTecAD, folder:
     """Export one checkpoint in every variant and score the test set with each."""
     model_class = type(get_model(name, pre_trained=False))
     model = model_class.load_from_checkpoint(checkpoint, weights_only=True).eval()
-    # Resize the validation and test images to the model's input size in the datasets, as Anomalib's
-    # engine does when it runs the model (the test loop, and the calibration set of INT8 PTQ).
+    # Resize validation and test images to the model's input size in the datasets, as Anomalib's engine
+    # does when it runs the model; as the datamodule's own augmentations, so that the setup which
+    # INT8 PTQ runs on it keeps them (the calibration images and every variant's test images alike).
+    (resize,) = extract_transforms_by_type(model.pre_processor.transform, Resize)
+    datamodule.val_augmentations = datamodule.test_augmentations = resize
     datamodule.setup()
-    for subset in (datamodule.val_data, datamodule.test_data):
-        datamodule._update_subset_augmentations(subset, None, model.pre_processor.transform)
     raw = copy.deepcopy(model)
     raw.post_processor = None
     engine = Engine(default_root_dir=folder, logger=False, enable_progress_bar=False)
     core = ov.Core()
     rows, reference = [], None
     for label, compression, default_precision in VARIANTS:
-        exported = engine.export(
-            model=raw,
-            export_type=ExportType.OPENVINO,
-            export_root=folder / label.replace(" ", "_").replace(",", ""),
-            compression_type=compression,
-            datamodule=datamodule if compression == CompressionType.INT8_PTQ else None,
-        )
         config = {} if default_precision else {"INFERENCE_PRECISION_HINT": "f32"}
-        compiled = core.compile_model(str(exported), "CPU", config)
+        try:
+            exported = engine.export(
+                model=raw,
+                export_type=ExportType.OPENVINO,
+                export_root=folder / label.replace(" ", "_").replace(",", ""),
+                compression_type=compression,
+                datamodule=datamodule if compression == CompressionType.INT8_PTQ else None,
+            )
+            compiled = core.compile_model(str(exported), "CPU", config)
+        # A compression that breaks the graph is a result to report, not a reason to stop the others.
+        except Exception as error:
+            reason = str(error).strip().splitlines()
+            rows.append(
+                {
+                    "model": name,
+                    "variant": label,
+                    "failed": next((line for line in reason if "Check" in line), reason[-1]),
+                }
+            )
+            print(f"{name} {label}: failed", flush=True)
+            continue
         result = score_test_set(compiled, datamodule)
         table = result["table"]
-        reference = reference or table
+        if reference is None:
+            reference = table
         changes = [table[c]["image_AUROC"] - reference[c]["image_AUROC"] for c in table.categories]
         rows.append(
             {
                 "model": name,
                 "variant": label,
-                "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+                "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
                 "image_AUROC": table["mean"]["image_AUROC"],
                 "pixel_AUROC": table["mean"]["pixel_AUROC"],
                 "AUPRO": table["mean"]["AUPRO"],
@@ -135,6 +155,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        if "failed" in row:
+            lines.append(f"| {row['model']} | {row['variant']} | failed: {row['failed'][:120]} |")
+            continue
         lines.append(
             f"| {row['model']} | {row['variant']} | {row['inference_precision']} | {100 * row['image_AUROC']:.1f} "
             f"| {100 * row['pixel_AUROC']:.1f} | {100 * row['AUPRO']:.1f} | {100 * row['pooled_image_AUROC']:.1f} "
@@ -156,9 +179,12 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         root = combined_root(roots, None, Path(folder) / "unified")
-        datamodule = MultiClassMVTecAD(root=root, train_batch_size=8, eval_batch_size=8, num_workers=0, seed=args.seed)
         for entry in args.checkpoints:
             name, _, path = entry.partition("=")
+            # A datamodule per model: each resizes to its own model's input size.
+            datamodule = MultiClassMVTecAD(
+                root=root, train_batch_size=8, eval_batch_size=8, num_workers=0, seed=args.seed
+            )
             rows += evaluate(name, Path(path), datamodule, Path(folder) / name)
     machine = f"{cpu_name()}, torch {torch.__version__}, OpenVINO {ov.__version__}"
     text = f"Command: `{' '.join(sys.argv)}`\n\nMachine: {machine}\n\n{markdown(rows)}\n"

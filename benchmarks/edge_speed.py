@@ -11,7 +11,7 @@ alone (the OpenVINO process never imports torch, as on an inspection PC):
 
 - images per second at batch 1 and 8, latency p50 and p95 at batch 1 (random images at the
   input size, after warm-up);
-- peak resident memory of the process (``ru_maxrss``) after the model's timings;
+- peak resident memory of the process (the kernel's ``VmHWM``) after the model's timings;
 - size on disk of ``model.xml`` + ``model.bin`` and of ``model.pt``;
 - the bare backbone's batch-1 rate in the same runtime, and the share of the model's
   batch-1 time that the backbone accounts for (the rest is the head: flows, priors,
@@ -213,9 +213,10 @@ def build_and_export(name: str, size: int, folder: Path, coreset_ratio: float) -
     torch_file = engine.export(model=model, export_type=ExportType.TORCH, export_root=folder)
     backbone_file = folder / "backbone.onnx"
     torch.onnx.export(backbone_part(model), (torch.randn(1, 3, size, size),), str(backbone_file), dynamo=True)
+    # PatchCore's bank of patches; PaDiM's attribute of the same name is emptied once its Gaussians are fitted.
     memory_bank = getattr(model.model, "memory_bank", None)
     return {
-        "memory_bank_patches": None if memory_bank is None else len(memory_bank),
+        "memory_bank_patches": len(memory_bank) if memory_bank is not None and len(memory_bank) else None,
         "openvino_file": openvino_file,
         "torch_file": torch_file,
         "backbone_file": backbone_file,

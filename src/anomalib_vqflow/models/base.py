@@ -25,15 +25,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import openvino as ov
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 from torch.utils.data import DataLoader
 
 from anomalib_vqflow.deploy import write_scorer
+from anomalib_vqflow.deploy.quantization import calibration_dataset, head_ignored_scope
 from anomalib_vqflow.evaluation import UnifiedEvaluator
 
 
@@ -82,6 +85,35 @@ class UnifiedModelMixin:
         model_file = super().to_onnx(export_root, *args, **kwargs)  # type: ignore[misc]
         write_scorer(model_file.parent)
         return model_file
+
+    def _compress_ov_model(
+        self,
+        model: ov.Model,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> ov.Model:
+        """Anomalib's NNCF compression, except that INT8 (weights, or PTQ) is for the backbone alone.
+
+        The heads stay in floating point (see :mod:`anomalib_vqflow.deploy.quantization`: whole-graph
+        INT8 PTQ leaves a flow at chance level). ``INT8_ACQ`` is refused: Anomalib 2.7 tunes it on
+        the test split, which would choose the deployed model by its test results.
+        """
+        if compression_type == CompressionType.INT8_ACQ:
+            msg = (
+                "compression_type=int8_acq tunes the quantization on the test images (Anomalib validates it on "
+                "datamodule.test_dataloader()); use int8_ptq, calibrated on validation images."
+            )
+            raise ValueError(msg)
+        if compression_type not in {CompressionType.INT8, CompressionType.INT8_PTQ}:
+            return super()._compress_ov_model(model, compression_type, datamodule, *args, **kwargs)  # type: ignore[misc]
+        import nncf
+
+        head = head_ignored_scope(model)
+        if compression_type == CompressionType.INT8:
+            return nncf.compress_weights(model, ignored_scope=head)
+        return nncf.quantize(model, calibration_dataset(model, datamodule), ignored_scope=head)
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
