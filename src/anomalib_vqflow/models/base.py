@@ -20,6 +20,7 @@ Example:
     ['PreProcessor', 'UnifiedEvaluator', 'PostProcessor', 'ImageVisualizer']
 """
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,18 +36,86 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 from torch.utils.data import DataLoader
 
+from anomalib_vqflow.components.guards import (
+    NonFiniteError,
+    check_non_finite_action,
+    first_non_finite,
+    non_finite_names,
+)
 from anomalib_vqflow.deploy import write_scorer
 from anomalib_vqflow.deploy.quantization import calibration_dataset, head_ignored_scope
 from anomalib_vqflow.evaluation import UnifiedEvaluator
 
+logger = logging.getLogger(__name__)
+
 
 class UnifiedModelMixin:
-    """Per-category evaluation on raw scores for the plugin's ``AnomalibModule`` models."""
+    """Per-category evaluation on raw scores, and non-finite guards, for the plugin's ``AnomalibModule`` models.
+
+    A model calls :meth:`_init_non_finite_guard` in its constructor and :meth:`_finite_step` in its
+    training step (see :mod:`anomalib_vqflow.components.guards`).
+    """
 
     pre_processor: object
     post_processor: object
     evaluator: object
     visualizer: object
+    non_finite: str
+    global_step: int
+    current_epoch: int
+
+    def _init_non_finite_guard(self, non_finite: str) -> None:
+        self.non_finite = check_non_finite_action(non_finite)
+        self.skipped_batches = 0
+
+    def _finite_step(self, batch: Batch, **tensors: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+        """Whether the training step may go on: ``False`` for a batch to skip; :class:`NonFiniteError` to stop.
+
+        Raises:
+            NonFiniteError: a tensor holds a NaN or an infinity and ``non_finite`` is ``"stop"``.
+        """
+        found = first_non_finite(**tensors)
+        if found is None:
+            return True
+        name, count = found
+        message = (
+            f"Non-finite {name} at training step {self.global_step} (epoch {self.current_epoch}): {count}. "
+            f"Images of the batch: {list(batch.image_path or [])}."
+        )
+        if self.non_finite == "stop":
+            msg = f"{message} Nothing of this step was applied; pass non_finite='skip' to skip such batches."
+            raise NonFiniteError(msg)
+        self.skipped_batches += 1
+        logger.warning("Skipped a training batch. %s", message)
+        self.log("train_skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+        return False
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Stop as soon as an optimizer step leaves a trainable weight non-finite (a finite loss can do that).
+
+        Raises:
+            NonFiniteError: naming the weights and the step.
+        """
+        super().on_train_batch_end(*args, **kwargs)  # type: ignore[misc]
+        trainable = ((name, p) for name, p in self.named_parameters() if p.requires_grad)  # type: ignore[attr-defined]
+        if bad := non_finite_names(trainable):
+            msg = f"Non-finite weights after training step {self.global_step}: {bad[:5]}; no checkpoint will hold them."
+            raise NonFiniteError(msg)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint whose model weights or buffers are not finite.
+
+        The torch model's tensors only: Anomalib's post-processor keeps infinite or NaN
+        placeholders (a pixel threshold without anomalous validation pixels, for one).
+
+        Raises:
+            NonFiniteError: naming the tensors.
+        """
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        model_tensors = ((name, t) for name, t in checkpoint.get("state_dict", {}).items() if name.startswith("model."))
+        if bad := non_finite_names(model_tensors):
+            msg = f"Refusing to write a checkpoint with non-finite tensors: {bad[:5]}."
+            raise NonFiniteError(msg)
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

@@ -117,6 +117,9 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         weight_decay: Weight decay of the flows (centres and mixture weights have none).
         warmup_epochs: Epochs of linear warm-up from 0.1 x ``lr``.
         min_lr_factor: Factor the cosine decay ends at, after ``max_epochs``.
+        non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
+            log-determinants); ``"skip"`` skips that batch and counts it in the log
+            (:mod:`anomalib_vqflow.components.guards`).
         pre_processor: Anomalib pre-processor, ``True`` for the default (1024 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -146,6 +149,7 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         weight_decay: float = 1e-4,
         warmup_epochs: int = 16,
         min_lr_factor: float = 1e-3,
+        non_finite: str = "stop",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -157,6 +161,7 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self._init_non_finite_guard(non_finite)
         try:
             self.labels = LabelSource(labels)
         except ValueError:
@@ -327,9 +332,15 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         components the model picks itself, as at test time.
         """
         del args, kwargs
+        if not self._finite_step(batch, image=batch.image):
+            return None
         assigned = self.model(batch.image)
         encoding = assigned._replace(components=self._components_of(batch, assigned.components))
         totals = self.loss_terms(encoding, intra=self.current_epoch >= self.inter_class_epochs)
+        if not self._finite_step(
+            batch, loss=totals["loss"], log_jacobians=encoding.log_jacobians, latents=encoding.latents
+        ):
+            return None
         self._update_references(assigned)
         batch_size = batch.image.shape[0]
         for name, value in totals.items():

@@ -60,6 +60,9 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         warmup_epochs: Epochs of linear warm-up from 0.1 x ``lr``.
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
         lr_gamma: Step decay factor.
+        non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
+            log-determinants); ``"skip"`` skips that batch and counts it in the log
+            (:mod:`anomalib_vqflow.components.guards`).
         pre_processor: Anomalib pre-processor, ``True`` for the default (512 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -81,6 +84,7 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         warmup_epochs: int = 12,
         lr_milestones: Sequence[int] = (70, 90),
         lr_gamma: float = 0.33,
+        non_finite: str = "stop",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -92,6 +96,7 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self._init_non_finite_guard(non_finite)
         self.model = MsFlowModel(
             backbone=backbone,
             layers=layers,
@@ -117,7 +122,11 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Maximum-likelihood step on a batch of good images (categories are not read)."""
         del args, kwargs
+        if not self._finite_step(batch, image=batch.image):
+            return None
         latents, log_jacobian = self.model(batch.image)
         loss = self.loss(latents, log_jacobian)
+        if not self._finite_step(batch, loss=loss, log_jacobian=log_jacobian, latents=latents):
+            return None
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}

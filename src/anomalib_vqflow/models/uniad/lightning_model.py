@@ -82,6 +82,9 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
         weight_decay: AdamW weight decay.
         lr_step: Epochs between learning-rate decays.
         lr_gamma: Learning-rate decay factor.
+        non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
+            log-determinants); ``"skip"`` skips that batch and counts it in the log
+            (:mod:`anomalib_vqflow.components.guards`).
         pre_processor: Anomalib pre-processor, ``True`` for the default (224 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -112,6 +115,7 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
         weight_decay: float = 1e-4,
         lr_step: int = 800,
         lr_gamma: float = 0.1,
+        non_finite: str = "stop",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -123,6 +127,7 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self._init_non_finite_guard(non_finite)
         self.model = self._build_model()
         self.loss = UniAdLoss()
         self.lr = lr
@@ -163,8 +168,12 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Reconstruct the clean features of good images from jittered ones (categories are not read)."""
         del args, kwargs
+        if not self._finite_step(batch, image=batch.image):
+            return None
         output = self.model(batch.image)
         loss = self.loss(output.reconstruction, output.target)
+        if not self._finite_step(batch, loss=loss, reconstruction=output.reconstruction):
+            return None
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 

@@ -102,6 +102,9 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         warmup_epochs: Epochs of linear warm-up from 0.1 x ``lr``.
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
         lr_gamma: Step decay factor.
+        non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
+            log-determinants); ``"skip"`` skips that batch and counts it in the log
+            (:mod:`anomalib_vqflow.components.guards`).
         pre_processor: Anomalib pre-processor, ``True`` for the default (384 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -132,6 +135,7 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         warmup_epochs: int = 10,
         lr_milestones: Sequence[int] = (),
         lr_gamma: float = 0.33,
+        non_finite: str = "stop",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -143,6 +147,7 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self._init_non_finite_guard(non_finite)
         self.model = VqFlowModel(
             backbone=backbone,
             layers=layers,
@@ -187,8 +192,19 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         if batch_size < 2:
             logger.warning("Skipping a training batch of one image: VQ-Flow's batch norm needs at least two.")
             return None
+        # Before the forward pass: in training it moves the codebooks, which a skipped batch must not do.
+        if not self._finite_step(batch, image=batch.image):
+            return None
         encoding = self.model(batch.image)
         loss = self.loss(encoding.latents, encoding.log_jacobian, encoding.commitment)
+        if not self._finite_step(
+            batch,
+            loss=loss,
+            log_jacobian=encoding.log_jacobian,
+            latents=encoding.latents,
+            commitment=encoding.commitment,
+        ):
+            return None
         self._epoch_prototypes.append(encoding.prototypes.detach().cpu())
         self._epoch_categories.extend(getattr(batch, "category", None) or [])
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch_size)
