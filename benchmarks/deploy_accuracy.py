@@ -99,17 +99,20 @@ def evaluate(name: str, checkpoint: Path, datamodule: MultiClassMVTecAD, folder:
     raw.post_processor = None
     engine = Engine(default_root_dir=folder, logger=False, enable_progress_bar=False)
     core = ov.Core()
-    rows, reference = [], None
+    rows, reference, exports = [], None, {}
     for label, compression, default_precision in VARIANTS:
         config = {} if default_precision else {"INFERENCE_PRECISION_HINT": "f32"}
         try:
-            exported = engine.export(
-                model=raw,
-                export_type=ExportType.OPENVINO,
-                export_root=folder / label.replace(" ", "_").replace(",", ""),
-                compression_type=compression,
-                datamodule=datamodule if compression == CompressionType.INT8_PTQ else None,
-            )
+            # The default-precision variant compiles the f32 file again, it does not export it again.
+            if compression not in exports:
+                exports[compression] = engine.export(
+                    model=raw,
+                    export_type=ExportType.OPENVINO,
+                    export_root=folder / label.replace(" ", "_").replace(",", ""),
+                    compression_type=compression,
+                    datamodule=datamodule if compression == CompressionType.INT8_PTQ else None,
+                )
+            exported = exports[compression]
             compiled = core.compile_model(str(exported), "CPU", config)
         # A compression that breaks the graph is a result to report, not a reason to stop the others.
         except Exception as error:

@@ -24,9 +24,8 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openvino as ov
 import torch
 from anomalib import LearningType
 from anomalib.data import AnomalibDataModule, Batch
@@ -45,6 +44,10 @@ from anomalib_vqflow.components.guards import (
 from anomalib_vqflow.deploy import write_scorer
 from anomalib_vqflow.deploy.quantization import calibration_dataset, head_ignored_scope
 from anomalib_vqflow.evaluation import UnifiedEvaluator
+
+if TYPE_CHECKING:
+    # Only exports need OpenVINO; importing a model should not load it.
+    import openvino as ov
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +160,12 @@ class UnifiedModelMixin:
 
     def _compress_ov_model(
         self,
-        model: ov.Model,
+        model: "ov.Model",
         compression_type: CompressionType | None = None,
         datamodule: AnomalibDataModule | None = None,
         *args: Any,
         **kwargs: Any,
-    ) -> ov.Model:
+    ) -> "ov.Model":
         """Anomalib's NNCF compression, except that INT8 (weights, or PTQ) is for the backbone alone.
 
         The heads stay in floating point (see :mod:`anomalib_vqflow.deploy.quantization`: whole-graph
