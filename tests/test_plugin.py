@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from anomalib.models import get_model, list_models
+from PIL import Image
 
 import anomalib_vqflow
 from anomalib_vqflow.models import MsFlow, VqFlow
@@ -128,17 +129,18 @@ def _data_arguments(root: Path) -> list[str]:
 # Every model through `anomalib export` to OpenVINO (which exports ONNX on its way); the ONNX
 # command once: what it adds is the same for every model, and Engine.export covers ONNX per model.
 # Short names for three models, full class paths (model and data) for the fourth.
+# `anomalib predict` on a folder of bad files once: PredictFolder does not depend on the model.
 @pytest.mark.parametrize(
-    ("model", "data", "export_types"),
+    ("model", "data", "export_types", "predicts"),
     [
-        ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD", ("openvino", "onnx")),
-        ("VqFlow", "MultiClassMVTecAD", ("openvino",)),
-        ("Hgad", "MultiClassMVTecAD", ("openvino",)),
-        ("UniAd", "MultiClassMVTecAD", ("openvino",)),
+        ("anomalib_vqflow.models.MsFlow", "anomalib_vqflow.data.MultiClassMVTecAD", ("openvino", "onnx"), False),
+        ("VqFlow", "MultiClassMVTecAD", ("openvino",), True),
+        ("Hgad", "MultiClassMVTecAD", ("openvino",), False),
+        ("UniAd", "MultiClassMVTecAD", ("openvino",), False),
     ],
 )
 def test_stock_anomalib_command_trains_tests_and_exports(
-    demo_root: Path, tmp_path: Path, model: str, data: str, export_types: tuple[str, ...]
+    demo_root: Path, tmp_path: Path, model: str, data: str, export_types: tuple[str, ...], predicts: bool
 ) -> None:
     result = _run(
         [
@@ -188,6 +190,47 @@ def test_stock_anomalib_command_trains_tests_and_exports(
         folder = export_root / "weights" / export_type
         assert (folder / model_files[export_type]).is_file()
         assert (folder / "score.py").is_file(), "the standalone scorer travels with it"
+    if predicts:
+        _predict_on_a_folder_with_bad_files(model, checkpoint, demo_root, tmp_path / "predict")
+
+
+def _predict_on_a_folder_with_bad_files(model: str, checkpoint: Path, demo_root: Path, folder: Path) -> None:
+    """`anomalib predict` with PredictFolder: every readable image is scored, every bad file named, none stops it."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    source = Image.open(next((demo_root / "brick" / "test" / "hole").glob("*.png"))).convert("RGB")
+    source.save(images / "rgb.png")
+    source.resize((200, 90)).save(images / "wrong_size.png")
+    source.convert("L").save(images / "grayscale.png")
+    source.convert("RGBA").save(images / "rgba.png")
+    source.convert("I;16").save(images / "sixteen_bit.png")
+    (images / "truncated.png").write_bytes((images / "rgb.png").read_bytes()[:400])
+    (images / "notes.txt").write_text("not an image")
+    (folder / "empty").mkdir()
+    # The model as trained (Lightning loads the checkpoint's weights into the model the command line builds).
+    predict = [ANOMALIB, "predict", "--model", model, *_small_model_arguments(model), "--model.pre_trained", "false"]
+    predict += [
+        "--ckpt_path",
+        str(checkpoint),
+        "--data",
+        "PredictFolder",
+        "--default_root_dir",
+        str(folder / "results"),
+    ]
+
+    result = _run([*predict, "--data.path", str(images)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for bad in ("sixteen_bit.png", "truncated.png", "notes.txt"):
+        assert f"Skipping {images / bad}" in output, output[-3000:]
+    written = sorted(path.name for path in (folder / "results").rglob("*.png"))
+    assert written == ["grayscale.png", "rgb.png", "rgba.png", "wrong_size.png"], written
+
+    result = _run([*predict, "--data.path", str(folder / "empty")])
+    assert result.returncode != 0
+    # The command line wraps long lines: compare without whitespace.
+    expected = f"The folder {folder / 'empty'} holds no file to predict on"
+    assert "".join(expected.split()) in "".join(result.stderr.split()), result.stderr[-3000:]
 
 
 def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from anomalib_vqflow.components.backbone import (
     OFFLINE_BACKBONES,
     FeatureExtractor,
+    cache_packaged_weights,
     layers_for_strides,
     packaged_lite_state_dict,
 )
@@ -162,6 +163,30 @@ def test_no_packaged_weights_and_no_network_raises_actionable_error(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(RuntimeError, match=r"(?s)'resnet18'.*weights=.*HF_HUB_OFFLINE=1.*tf_efficientnet_lite0"):
         FeatureExtractor("resnet18", strides=(4, 8, 16), pre_trained=True)
+
+
+def test_cached_packaged_weights_reach_timm_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(OSError, match="cache"):
+        timm.create_model("tf_efficientnet_lite0", pretrained=True)
+
+    written = cache_packaged_weights("tf_efficientnet_lite0")
+    assert written is not None
+    assert written.is_relative_to(tmp_path / "hub")
+    assert not list(written.parent.glob("*.partial"))
+    # What Anomalib's built-in models call: timm's own pretrained path, which now finds the packaged weights.
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=True)
+    expected = packaged_lite_state_dict("tf_efficientnet_lite0")
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in expected.items())
+    # Weights already cached (timm's own download, or an earlier call) are left alone.
+    assert cache_packaged_weights("tf_efficientnet_lite0") is None
+
+
+def test_caching_unpackaged_backbone_names_the_packaged_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'resnet18'.*tf_efficientnet_lite0"):
+        cache_packaged_weights("resnet18", cache_dir=tmp_path)
 
 
 def test_extractor_is_frozen() -> None:

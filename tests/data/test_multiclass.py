@@ -156,3 +156,28 @@ def test_partly_annotated_category_gets_image_metrics_only(root: Path) -> None:
 def test_unknown_visa_category_fails_before_any_download(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"Unknown VisA categories \['candles'\]"):
         MultiClassVisa(root=tmp_path, categories=["candles"]).prepare_data()
+
+
+def _training_order(datamodule: MultiClassMVTecAD) -> list[str]:
+    return [path for batch in datamodule.train_dataloader() for path in batch.image_path]
+
+
+def test_training_order_depends_on_seed_and_epoch_only(root: Path) -> None:
+    datamodule = MultiClassMVTecAD(root=root, train_batch_size=2, num_workers=0, seed=3)
+    datamodule.setup()
+    torch.manual_seed(0)
+    first = _training_order(datamodule)
+    torch.manual_seed(1)  # The global generator (what a resumed run's state would differ in) plays no part.
+    assert _training_order(datamodule) == first
+    assert sorted(first) == sorted(datamodule.train_data.samples.image_path)
+
+    loader = datamodule.train_dataloader()
+    orders = []
+    for epoch in range(4):
+        loader.sampler.set_epoch(epoch)
+        orders.append([path for batch in loader for path in batch.image_path])
+    assert orders[0] == first
+    assert len({tuple(order) for order in orders}) > 1, "each epoch has its own order"
+    other_seed = MultiClassMVTecAD(root=root, train_batch_size=2, num_workers=0, seed=4)
+    other_seed.setup()
+    assert _training_order(other_seed) != first

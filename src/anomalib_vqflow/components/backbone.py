@@ -35,12 +35,19 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import huggingface_hub
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["OFFLINE_BACKBONES", "FeatureExtractor", "layers_for_strides", "packaged_lite_state_dict"]
+__all__ = [
+    "OFFLINE_BACKBONES",
+    "FeatureExtractor",
+    "cache_packaged_weights",
+    "layers_for_strides",
+    "packaged_lite_state_dict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,9 @@ _PACKAGED_LITE_WEIGHTS: dict[str, tuple[str, str]] = {
 
 OFFLINE_BACKBONES: tuple[str, ...] = tuple(_PACKAGED_LITE_WEIGHTS)
 """Backbones whose pretrained weights come from installed packages, i.e. need no network."""
+
+# Snapshot name of the packaged weights in the Hub cache: no Hub commit has this name.
+_PACKAGED_SNAPSHOT = "packaged-by-anomalib-vqflow"
 
 # The packaged files use the EfficientNet-PyTorch naming; these tables translate it to timm's.
 _TOP_LEVEL_KEYS = {
@@ -144,6 +154,49 @@ def packaged_lite_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
     stage_depths = [len(stage) for stage in _architecture(backbone).blocks]
     return _map_lite_keys(source, stage_depths)
+
+
+def cache_packaged_weights(backbone: str, cache_dir: str | Path | None = None) -> Path | None:
+    """Put a packaged backbone's weights in the Hugging Face cache where ``timm`` looks for them.
+
+    Anomalib's built-in models (``Padim``, ``Patchcore``, ``Cflow``, ``Stfpm``, ...) fetch their
+    ImageNet weights with ``timm.create_model(backbone, pretrained=True)``, which reads the Hub
+    repository ``timm/<backbone>.<tag>`` and cannot take a local file. This writes the packaged
+    weights there as a snapshot of their own, so that call works without network. Weights already
+    in the cache (timm's own download) are left as they are; with network, the Hub's current
+    revision is downloaded as usual, since it differs from this snapshot's name.
+
+    Args:
+        backbone: One of :data:`OFFLINE_BACKBONES`.
+        cache_dir: The Hub cache; Hugging Face's default (``HF_HUB_CACHE``) if ``None``.
+
+    Returns:
+        The written file, or ``None`` if the cache already held weights for ``backbone``.
+
+    Raises:
+        ValueError: If no package ships weights for ``backbone``.
+
+    """
+    if backbone not in _PACKAGED_LITE_WEIGHTS:
+        msg = f"No packaged weights for backbone {backbone!r}; packaged backbones: {list(OFFLINE_BACKBONES)}."
+        raise ValueError(msg)
+    cache = Path(cache_dir) if cache_dir is not None else Path(huggingface_hub.constants.HF_HUB_CACHE)
+    repository = _architecture(backbone).pretrained_cfg["hf_hub_id"]
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(huggingface_hub.try_to_load_from_cache(repository, filename, cache_dir=cache), str):
+            return None
+    folder = cache / f"models--{repository.replace('/', '--')}"
+    snapshot = folder / "snapshots" / _PACKAGED_SNAPSHOT
+    snapshot.mkdir(parents=True, exist_ok=True)
+    path = snapshot / "model.safetensors"
+    # Written under a temporary name first: an interrupted write never leaves a truncated cache entry.
+    partial = path.with_suffix(".partial")
+    save_file({key: value.contiguous() for key, value in packaged_lite_state_dict(backbone).items()}, partial)
+    partial.replace(path)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(_PACKAGED_SNAPSHOT)
+    logger.info("Cached the packaged %s weights for timm at %s.", backbone, path)
+    return path
 
 
 def _map_lite_keys(source: Mapping[str, torch.Tensor], stage_depths: Sequence[int]) -> dict[str, torch.Tensor]:

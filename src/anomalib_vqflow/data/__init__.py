@@ -14,6 +14,7 @@ from .multiclass import (
     MultiClassVisa,
     discover_categories,
 )
+from .predict import PredictFolder
 
 __all__ = [
     "DEMO_CATEGORIES",
@@ -23,6 +24,7 @@ __all__ = [
     "MultiClassDataset",
     "MultiClassMVTecAD",
     "MultiClassVisa",
+    "PredictFolder",
     "default_demo_root",
     "discover_categories",
     "generate_demo_dataset",

@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -52,6 +52,7 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode, read_image, read_mask
 from anomalib.data.utils.image import IMG_EXTENSIONS
 from PIL import UnidentifiedImageError
+from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
 
@@ -238,6 +239,44 @@ def _read(reader: object, path: str) -> torch.Tensor:
         raise ValueError(msg) from error
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffle indices in an order that depends on the seed and the epoch only.
+
+    Why: a ``DataLoader(shuffle=True)`` draws its order (and its workers' seeds) from the global
+    random generator, whose state after a resume differs from the uninterrupted run's, so a
+    resumed run would see other batches. Here epoch ``e`` always has the same order, and the
+    loader's ``generator`` (its workers' seeds) is re-seeded with it. Lightning calls
+    :meth:`set_epoch` at the start of every epoch; the first epoch of a fit, whose loader is
+    created before that call, takes ``epoch`` from the constructor.
+
+    Example:
+        >>> sampler = EpochShuffleSampler(5, seed=0)
+        >>> first = list(sampler)
+        >>> sampler.set_epoch(1)
+        >>> list(sampler) != first, list(EpochShuffleSampler(5, seed=0)) == first
+        (True, True)
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, generator: torch.Generator | None = None) -> None:
+        self.size = size
+        self.seed = seed
+        self.generator = generator
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch`` and re-seed the loader's generator with it."""
+        self.epoch = epoch
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class MultiClassMVTecAD(AnomalibDataModule):
     """One datamodule over several categories of a folder in MVTec AD layout.
 
@@ -322,6 +361,22 @@ class MultiClassMVTecAD(AnomalibDataModule):
             msg = f"Unknown categories {unknown} under {self.data_root}; available: {available}."
             raise FileNotFoundError(msg)
         return self._requested_categories
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches in an order that a resumed run repeats (see :class:`EpochShuffleSampler`)."""
+        generator = torch.Generator()
+        # The seed of the run (seed_everything) when the datamodule has none of its own.
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        # The epoch about to start: a resumed run makes its loader before it updates `current_epoch`.
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        return DataLoader(
+            dataset=self.train_data,
+            sampler=EpochShuffleSampler(len(self.train_data), seed=seed, epoch=epoch, generator=generator),
+            generator=generator,
+            batch_size=self.train_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+        )
 
     def _setup(self, _stage: str | None = None) -> None:
         categories = self.categories

@@ -22,10 +22,12 @@ Example:
 
 import logging
 import math
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from anomalib import LearningType
 from anomalib.data import AnomalibDataModule, Batch
@@ -50,6 +52,31 @@ if TYPE_CHECKING:
     import openvino as ov
 
 logger = logging.getLogger(__name__)
+
+
+_RNG_STATES_KEY = "anomalib_vqflow_rng_states"
+
+
+def _rng_states() -> dict[str, Any]:
+    """Collect the states of Python's, NumPy's and torch's global generators, as types ``weights_only`` loads."""
+    # The legacy global generator is the one third-party code and seed_everything use.
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))  # noqa: NPY002
+    torch.set_rng_state(states["torch"])
+    # A checkpoint written on another number of GPUs (or none) has no matching CUDA states to restore.
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class UnifiedModelMixin:
@@ -119,6 +146,24 @@ class UnifiedModelMixin:
         if bad := non_finite_names(model_tensors):
             msg = f"Refusing to write a checkpoint with non-finite tensors: {bad[:5]}."
             raise NonFiniteError(msg)
+        checkpoint[_RNG_STATES_KEY] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the random generators' states of the checkpoint for the first training epoch after it."""
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self._rng_states_to_restore = checkpoint.get(_RNG_STATES_KEY)
+
+    def on_train_epoch_start(self) -> None:
+        """Resume the random streams where the checkpoint left them, so a resumed run repeats the uninterrupted one.
+
+        Restored here rather than at load time: between loading and this point, Lightning's sanity
+        validation and the training loader's start draw from the global generator in a resumed
+        run only. (The training order itself does not use it: see ``EpochShuffleSampler``.)
+        """
+        super().on_train_epoch_start()  # type: ignore[misc]
+        if states := getattr(self, "_rng_states_to_restore", None):
+            _restore_rng_states(states)
+            self._rng_states_to_restore = None
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

@@ -312,6 +312,7 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
 
         (A run resumed from a checkpoint saved mid-epoch restarts them from the rest of that epoch.)
         """
+        super().on_train_epoch_start()
         self._epoch_references = None
 
     def loss_terms(self, encoding: HgadEncoding, intra: bool) -> dict[str, torch.Tensor]:

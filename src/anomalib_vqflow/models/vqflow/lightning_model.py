@@ -213,6 +213,7 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
 
     def on_train_epoch_start(self) -> None:
         """Count code use afresh every epoch."""
+        super().on_train_epoch_start()
         for codebook in self.model.codebooks.values():
             codebook.reset_usage()
         self._epoch_prototypes.clear()

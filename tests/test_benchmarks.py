@@ -1,0 +1,88 @@
+"""The unified benchmark command: plugin and Anomalib models side by side, unavailable ones listed, all outputs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from unified import parse_model_entry  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("VqFlow", ("vqflow", {})),
+        ("vq_flow", ("vqflow", {})),
+        ("Patchcore:coreset_sampling_ratio=0.05", ("patchcore", {"coreset_sampling_ratio": 0.05})),
+        ("hgad:labels=dataset,num_components=5", ("hgad", {"labels": "dataset", "num_components": 5})),
+    ],
+)
+def test_model_entries(entry: str, expected: tuple) -> None:
+    assert parse_model_entry(entry) == expected
+
+
+@pytest.mark.parametrize(("entry", "message"), [("Efficientad", "Unknown model 'Efficientad'"), ("Padim:n", "n")])
+def test_bad_model_entries_are_named(entry: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_model_entry(entry)
+
+
+def test_unified_benchmark_compares_plugin_and_anomalib_models(demo_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "benchmark"
+    command = [sys.executable, str(BENCHMARKS / "unified.py"), "--roots", str(demo_root)]
+    command += ["--models", "MsFlow", "Padim", "Fastflow", "--max-epochs", "1", "--fit-minutes", "0"]
+    command += ["--image-size", "64", "--output", str(output)]
+    # Offline, with an empty Hub cache: Padim gets the packaged lite0 weights, Fastflow's ResNet-18 is unavailable.
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    summary = json.loads((output / "results.json").read_text())
+    runs = {run["model"]: run for run in summary["results"]}
+    assert set(runs) == {"MsFlow", "Padim", "Fastflow"}
+    assert "resnet18" in runs["Fastflow"]["skipped"]
+    assert "table" not in runs["Fastflow"]
+    for name in ("MsFlow", "Padim"):
+        run = runs[name]
+        assert set(run["table"]["rows"]) == {"brick", "coffee", "mean", "pooled"}
+        # 2 x 3 good and 2 x 4 defective test images; validation comes from the 2 x 8 good training images.
+        assert run["test_images"] == 14
+        assert run["train_images"] + run["validation_images"] == 16
+        assert run["fit_seconds"] > 0
+        assert run["peak_rss_mib"] > 0
+    assert runs["MsFlow"]["config"] == "configs/model/ms_flow_cpu.yaml"
+    assert runs["Padim"]["backbone"] == "tf_efficientnet_lite0"
+    assert summary["anomaly_map_images"] == ["brick/test/hole/000.png", "coffee/test/hole/000.png"]
+
+    with (output / "metrics.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["model"], row["category"]) for row in rows] == [
+        (model, category) for model in ("MsFlow", "Padim") for category in ("brick", "coffee", "mean", "pooled")
+    ]
+    mean = {row["model"]: row for row in rows if row["category"] == "mean"}
+    brick = {row["model"]: row for row in rows if row["category"] == "brick"}
+    coffee = {row["model"]: row for row in rows if row["category"] == "coffee"}
+    for model in ("MsFlow", "Padim"):
+        expected = (float(brick[model]["image_AUROC"]) + float(coffee[model]["image_AUROC"])) / 2
+        assert float(mean[model]["image_AUROC"]) == pytest.approx(expected)
+
+    markdown = (output / "summary.md").read_text()
+    assert "## Rules" in markdown
+    assert "Fastflow (seed 9826)" in markdown
+    assert "| Padim |" in markdown
+    with Image.open(output / "anomaly_maps.png") as grid, Image.open(output / "image_auroc_per_category.png") as bars:
+        assert grid.width > grid.height > 0
+        assert bars.width > 0
