@@ -13,7 +13,7 @@ from PIL import Image
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from unified import parse_model_entry  # noqa: E402
+from unified import by_model, metric_table, overview_table, parse_model_entry  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,30 @@ def test_model_entries(entry: str, expected: tuple) -> None:
 def test_bad_model_entries_are_named(entry: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_model_entry(entry)
+
+
+def _fake_run(model: str, seed: int, brick: float, coffee: float, fit_seconds: float) -> dict:
+    rows = {"brick": brick, "coffee": coffee, "mean": (brick + coffee) / 2, "pooled": 0.5}
+    columns = ("image_AUROC", "pixel_AUROC", "AUPRO", "image_AP", "pixel_AP", "image_F1max", "pixel_F1max")
+    table = {"fpr_limit": 0.3, "rows": {row: dict.fromkeys(columns, value) for row, value in rows.items()}}
+    costs = {"epochs_trained": 2.0, "fit_seconds": fit_seconds, "test_images_per_second": 10.0, "peak_rss_mib": 100.0}
+    return {"model": model, "seed": seed, "table": table, **costs}
+
+
+def test_several_seeds_give_mean_and_sample_spread() -> None:
+    runs = [
+        _fake_run("VqFlow", 1, 0.90, 0.80, 100.0),
+        {"model": "Fastflow", "seed": 1, "skipped": "no weights"},
+        _fake_run("VqFlow", 2, 0.94, 0.84, 120.0),
+    ]
+    grouped = by_model(runs)
+    assert list(grouped) == ["VqFlow"]
+    # brick: mean of 90 and 94 = 92.0, sample standard deviation 2.83; mean row: 85 and 89 -> 87.0 +- 2.8.
+    assert "| brick | 92.0 ± 2.8 |" in metric_table(grouped, "image_AUROC")
+    assert "| **mean** | 87.0 ± 2.8 |" in metric_table(grouped, "image_AUROC")
+    (row,) = overview_table(grouped)[2:]
+    assert row.startswith("| VqFlow | 87.0 ± 2.8 |")
+    assert row.endswith("| 2.0 | 110 | 10.0 | 100 |")
 
 
 def test_unified_benchmark_compares_plugin_and_anomalib_models(demo_root: Path, tmp_path: Path) -> None:
