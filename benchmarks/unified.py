@@ -54,6 +54,7 @@ import yaml
 
 from anomalib_vqflow.cli import build_from_config, config_path
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, discover_categories
+from anomalib_vqflow.data.multiclass import make_category_samples
 from anomalib_vqflow.evaluation.per_category import SUMMARY_ROWS, MetricsTable
 
 PLUGIN_MODELS = {"vqflow": "vq_flow", "msflow": "ms_flow", "hgad": "hgad", "uniad": "uni_ad"}
@@ -140,14 +141,19 @@ def entry_label(entry: str) -> str:
     return entry.replace(":", "_").replace(",", "_").replace("=", "-")
 
 
-def grid_images(root: Path) -> list[str]:
-    """The first defective test image of every category, by file name: chosen before any model is run."""
-    images = []
+def grid_samples(root: Path) -> list[tuple[str, str]]:
+    """``(image, mask or "")`` of the first defective test image of every category, by file name.
+
+    Read from the datamodule's own sample table, so the masks are the ones the metrics use; chosen
+    before any model is run.
+    """
+    grid = []
     for category in discover_categories(root):
-        defects = sorted(p for p in (root / category / "test").glob("*/*") if p.parent.name != "good" and p.is_file())
-        if defects:
-            images.append(str(defects[0]))
-    return images
+        samples = make_category_samples(root, category)
+        defects = samples[(samples.split == "test") & (samples.label_index == 1)].sort_values("image_path")
+        if len(defects):
+            grid.append((str(defects.image_path.iloc[0]), str(defects.mask_path.iloc[0] or "")))
+    return grid
 
 
 def build_model(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -345,7 +351,7 @@ def plot_image_auroc(grouped: dict[str, list[dict[str, Any]]], path: Path) -> No
     plt.close(figure)
 
 
-def plot_anomaly_maps(grouped: dict[str, list[dict[str, Any]]], paths: list[str], path: Path) -> None:
+def plot_anomaly_maps(grouped: dict[str, list[dict[str, Any]]], grid: list[tuple[str, str]], path: Path) -> None:
     """Rows: the grid images; columns: image, ground truth, each model's map (first seed).
 
     Each model's maps share one colour scale (its minimum to maximum over the grid images), as one
@@ -358,16 +364,9 @@ def plot_anomaly_maps(grouped: dict[str, list[dict[str, Any]]], paths: list[str]
     from PIL import Image
 
     columns = 2 + len(grouped)
-    figure, axes = plt.subplots(len(paths), columns, figsize=(1.6 * columns, 1.6 * len(paths)), squeeze=False)
-    for row, image_path in enumerate(paths):
+    figure, axes = plt.subplots(len(grid), columns, figsize=(1.6 * columns, 1.6 * len(grid)), squeeze=False)
+    for row, (image_path, mask_path) in enumerate(grid):
         image = Image.open(image_path).convert("RGB")
-        mask_path = next(
-            Path(image_path)
-            .parents[2]
-            .joinpath("ground_truth", Path(image_path).parent.name)
-            .glob(f"{Path(image_path).stem}*"),
-            None,
-        )
         mask = Image.open(mask_path).convert("L") if mask_path else Image.new("L", image.size)
         axes[row, 0].imshow(image)
         axes[row, 1].imshow(mask, cmap="gray")
@@ -400,7 +399,9 @@ def rules(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]], root: Path, paths: list[str]) -> str:
+def write_outputs(
+    args: argparse.Namespace, results: list[dict[str, Any]], root: Path, grid: list[tuple[str, str]]
+) -> str:
     """Write ``results.json``, ``metrics.csv``, ``summary.md`` and the two figures; return the Markdown."""
     output = args.output
     grouped = by_model(results)
@@ -410,7 +411,7 @@ def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]], root:
         "command": " ".join(sys.argv),
         "machine": machine,
         "rules": rules(args),
-        "anomaly_map_images": [str(Path(path).relative_to(root)) for path in paths],
+        "anomaly_map_images": [str(Path(image).relative_to(root)) for image, _ in grid],
         "results": stored,
     }
     (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -421,7 +422,7 @@ def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]], root:
         lines += ["## Not run", ""] + [f"- {r['model']} (seed {r['seed']}): {r['skipped']}" for r in skipped] + [""]
     if grouped:
         plot_image_auroc(grouped, output / "image_auroc_per_category.png")
-        plot_anomaly_maps(grouped, paths, output / "anomaly_maps.png")
+        plot_anomaly_maps(grouped, grid, output / "anomaly_maps.png")
         lines += ["## Overview (mean over categories, %)", "", *overview_table(grouped), ""]
         for metric in ("image_AUROC", "pixel_AUROC", "AUPRO"):
             lines += [f"## {metric} per category (%)", "", *metric_table(grouped, metric), ""]
@@ -456,7 +457,7 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as folder:
         root = combined_root(roots, args.categories, Path(folder) / "unified")
-        paths = grid_images(root)
+        grid = grid_samples(root)
         for seed in args.seeds:
             for entry in args.models:
                 settings = RunSettings(
@@ -469,11 +470,11 @@ def main() -> int:
                     fit_minutes=args.fit_minutes,
                     image_size=args.image_size,
                     backbone=args.backbone,
-                    grid_images=paths,
+                    grid_images=[image for image, _ in grid],
                 )
                 print(f"Running {entry} with seed {seed}: {asdict(settings)}", flush=True)
                 results.append(run_in_fresh_process(settings))
-        markdown = write_outputs(args, results, root, paths)
+        markdown = write_outputs(args, results, root, grid)
     print(markdown)
     return 0
 
