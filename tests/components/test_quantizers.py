@@ -139,3 +139,24 @@ def test_kmeans_with_more_clusters_than_points_leaves_some_empty() -> None:
     centres, assignments = kmeans(points, 4, generator=torch.Generator().manual_seed(0))
     assert centres.shape == (4, 2)
     assert len(set(assignments.tolist())) == 2
+
+
+def _update_on_one_rank(rank: int, init_file: str, result_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    quantizer = _quantizer([[0.0], [10.0], [-50.0]], decay=0.5, eps=0.0).train()
+    # The hand-computed batch of test_ema_update_by_hand, split over the two ranks.
+    quantizer(torch.tensor([[1.0], [2.0]]) if rank == 0 else torch.tensor([[9.0]]))
+    torch.save(quantizer.state_dict() | {"usage": quantizer.usage}, f"{result_file}{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_update_adds_up_all_ranks_batches(tmp_path) -> None:
+    torch.multiprocessing.spawn(
+        _update_on_one_rank, args=(str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True
+    )
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}", weights_only=True)
+        # As one process with the whole batch [1, 2, 9], on both ranks: not rank 0's [1, 2] alone.
+        torch.testing.assert_close(state["cluster_size"], torch.tensor([1.0, 0.5, 0.0]))
+        torch.testing.assert_close(state["codebook"], torch.tensor([[1.5], [9.0], [-50.0]]))
+        assert state["usage"].tolist() == [2.0, 1.0, 0.0]

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
 from anomalib_vqflow.evaluation import UnifiedEvaluator, compute_metrics_table
-from anomalib_vqflow.evaluation.callback import category_from_path
+from anomalib_vqflow.evaluation.callback import CollectedOutputs, category_from_path, merge_collected_outputs
 
 CATEGORIES = ["bottle", "bottle", "bottle", "bottle", "screw", "screw", "screw", "screw"]
 DEFECTS = ["good", "broken", "good", "broken", "good", "scratch", "good", "scratch"]
@@ -68,7 +68,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.logged: dict[str, float] = {}
 
-    def log_dict(self, metrics: dict[str, float]) -> None:
+    def log_dict(self, metrics: dict[str, float], **kwargs: object) -> None:
         self.logged.update(metrics)
 
 
@@ -169,7 +169,7 @@ def test_epoch_start_resets_previous_outputs(tmp_path):
     _run_epoch(evaluator, trainer, module, _batches())
     _run_epoch(evaluator, trainer, module, _batches()[:1])
     assert evaluator.table.categories == ["bottle"]
-    assert evaluator._scores == []  # freed after reporting
+    assert evaluator._outputs.categories == []  # freed after reporting
 
 
 def test_barebones_fills_trainer_metrics(tmp_path):
@@ -231,3 +231,54 @@ def test_real_lightning_test_run(tmp_path):
     assert (tmp_path / "metrics_per_category.md").is_file()
     (evaluator,) = [cb for cb in trainer.callbacks if isinstance(cb, UnifiedEvaluator)]
     assert np.isclose(evaluator.table["screw"]["AUPRO"], expected["screw"]["AUPRO"])
+
+
+def _collected(batches: list[ImageBatch]) -> CollectedOutputs:
+    evaluator = UnifiedEvaluator()
+    for batch in batches:
+        evaluator.update(batch)
+    return evaluator._outputs
+
+
+def test_merge_drops_repeated_paths_and_orders_by_category_and_path():
+    batches = _batches(batch_size=3)
+    # Two "ranks" in DistributedSampler's interleaved order; rank 1 repeats the first image as padding.
+    rank_0 = _collected([batches[0], batches[2]])
+    rank_1 = _collected([batches[1], batches[0]])
+    merged = merge_collected_outputs([rank_1, rank_0])
+    expected_order = sorted(range(8), key=lambda i: (CATEGORIES[i], _paths()[i]))
+    assert merged.paths == [_paths()[i] for i in expected_order]
+    assert merged.categories == [CATEGORIES[i] for i in expected_order]
+    maps, masks = _maps_and_masks()
+    np.testing.assert_array_equal(merged.scores[0], SCORES.double().numpy()[expected_order])
+    np.testing.assert_array_equal(merged.maps[0], maps.numpy()[expected_order])
+    np.testing.assert_array_equal(merged.masks[0], masks.numpy()[expected_order])
+    assert rank_0.maps == rank_1.maps == []  # the parts' batches were released
+
+
+def test_table_does_not_depend_on_how_the_images_were_split():
+    one_process = UnifiedEvaluator()
+    for batch in _batches(batch_size=8):
+        one_process.update(batch)
+    pieces = merge_collected_outputs([_collected(_batches(batch_size=3)[::-1]), _collected(_batches(batch_size=2)[:1])])
+    evaluator = UnifiedEvaluator()
+    evaluator._outputs = pieces
+    assert evaluator.compute().rows == one_process.compute().rows == _expected_table().rows
+
+
+def test_merge_without_paths_keeps_every_image_in_collection_order():
+    batch = SimpleNamespace(pred_score=SCORES, gt_label=LABELS, category=CATEGORIES, anomaly_map=None)
+    merged = merge_collected_outputs([_collected([batch]), _collected([batch])])
+    assert merged.paths == [None] * 16
+    np.testing.assert_array_equal(merged.scores[0], np.concatenate([SCORES.double().numpy()] * 2))
+    assert merged.images_without_maps == 16
+
+
+def test_an_epoch_without_outputs_warns_and_compute_raises(tmp_path, caplog):
+    evaluator, module, trainer = UnifiedEvaluator(), _Recorder(), _trainer(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        _run_epoch(evaluator, trainer, module, [])
+    assert "collected no test outputs" in caplog.text
+    assert evaluator.table is None
+    with pytest.raises(RuntimeError, match="no test outputs"):
+        evaluator.compute()

@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torchmetrics.classification import BinaryAUROC
 
+from anomalib_vqflow.evaluation import metrics
 from anomalib_vqflow.evaluation.metrics import (
     aupro,
     auroc,
@@ -222,6 +223,17 @@ def test_pixel_metrics_equal_the_single_functions():
         "AUPRO": aupro(maps, masks),
     }
     assert values["AUROC"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 256])
+def test_pro_curve_in_chunks_equals_one_running_sum(chunk, monkeypatch):
+    rng = np.random.default_rng(5)
+    masks = np.zeros((3, 16, 16), dtype=bool)
+    masks[0, 2:6, 3:9] = masks[1, 10:14, 1:4] = masks[2, 0:3, 0:3] = True
+    maps = np.round(rng.normal(size=masks.shape) + masks, 1).astype(np.float32)  # rounded: ties across chunks
+    whole = aupro(maps, masks, fpr_limit=1.0)
+    monkeypatch.setattr(metrics, "_CUMSUM_CHUNK", chunk)
+    assert aupro(maps, masks, fpr_limit=1.0) == whole  # bit for bit: the same additions in the same order
 
 
 def test_aupro_close_to_anomalib_on_continuous_maps():

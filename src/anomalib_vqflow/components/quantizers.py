@@ -25,8 +25,10 @@ Two deliberate differences from the VQ-VAE-2 reference code that VQ-Flow uses:
   step's update (the reference looks the codes up before it), so the commitment pulls
   towards where the codes now are.
 
-Under distributed data parallel, the moving averages are not all-reduced: Lightning's
-buffer broadcast keeps those of rank 0.
+Under distributed data parallel, the counts and sums of every step are added up over the
+ranks before they enter the moving averages (as ``SyncBatchNorm`` does with its
+statistics), so the codebook follows all ranks' batches, as one process would with their
+union, instead of rank 0's alone (DDP's buffer broadcast would otherwise keep rank 0's).
 
 Distances are computed as ``|x|^2 - 2 x.E^T + |E|^2`` with one matrix product, which
 exports to ONNX and OpenVINO (``torch.cdist`` does not).
@@ -43,6 +45,7 @@ Example:
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
@@ -155,9 +158,13 @@ class VectorQuantizer(nn.Module):
     def _update(self, vectors: torch.Tensor, indices: torch.Tensor) -> None:
         assignments = F.one_hot(indices, self.num_codes).to(vectors.dtype)
         counts = assignments.sum(dim=0)
+        sums = assignments.t() @ vectors
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
         self.usage.add_(counts)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
-        self.code_sum.mul_(self.decay).add_(assignments.t() @ vectors, alpha=1.0 - self.decay)
+        self.code_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
         assigned = counts > 0

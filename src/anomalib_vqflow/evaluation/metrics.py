@@ -40,6 +40,7 @@ from scipy import ndimage
 # labels ground-truth regions with ``scipy.ndimage.label(gt, np.ones((3, 3)))`` and Anomalib's
 # AUPRO uses ``cv2.connectedComponents`` (8-connectivity by default) on CPU, so both agree.
 _STACK_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+_CUMSUM_CHUNK = 1 << 20
 _STACK_STRUCTURE[1] = True
 
 
@@ -119,22 +120,25 @@ def _sort_descending(values: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray,
         halves[:, low] = codes
         packed.sort()
         sorted_codes = halves[:, low]
-        score_keys = halves[:, high]
-        is_end = score_keys[:-1] != score_keys[1:]
+        sorted_keys = halves[:, high]
     else:
         order = np.argsort(values)[::-1]
         sorted_codes = codes[order]
-        sorted_values = values[order]
-        is_end = sorted_values[:-1] != sorted_values[1:]
-    ends = np.append(np.flatnonzero(is_end), values.size - 1)
-    return sorted_codes, ends
+        sorted_keys = values[order]
+    is_end = np.empty(values.size, dtype=bool)
+    np.not_equal(sorted_keys[:-1], sorted_keys[1:], out=is_end[:-1])
+    is_end[-1] = True
+    return sorted_codes, np.flatnonzero(is_end)
 
 
 def _binary_counts(sorted_codes: np.ndarray, ends: np.ndarray) -> _Counts:
     # int32 running sums are exact below 2**31 elements and twice as fast as int64.
     dtype = np.int32 if sorted_codes.size < 2**31 else np.int64
     tp = np.cumsum(sorted_codes != 0, dtype=dtype)[ends].astype(np.int64)
-    return _Counts(tp=tp, fp=ends.astype(np.int64) + 1 - tp)
+    fp = ends.astype(np.int64)  # one array per distinct score at a time: there can be as many as pixels
+    fp += 1
+    fp -= tp
+    return _Counts(tp=tp, fp=fp)
 
 
 def _counts(scores: ArrayLike, labels: ArrayLike) -> _Counts | None:
@@ -274,8 +278,17 @@ def _pro_curve(
         return None
     weight = np.zeros(n_regions + 1)
     weight[1:] = 1.0 / sizes[1:]  # a pixel of region r adds 1/|r| to that region's overlap
-    gains = weight[sorted_regions]
-    overlap = np.cumsum(gains, out=gains)[ends]
+    # The running sum over all pixels, a chunk at a time (8 bytes per pixel of a chunk, not of all pixels): the
+    # chunk's first gain starts from the total so far, so every partial sum is the one of a single cumsum.
+    overlap = np.empty(ends.size)
+    total, done = 0.0, 0
+    for start in range(0, sorted_regions.size, _CUMSUM_CHUNK):
+        gains = weight[sorted_regions[start : start + _CUMSUM_CHUNK]]
+        gains[0] += total
+        np.cumsum(gains, out=gains)
+        inside = int(np.searchsorted(ends, start + gains.size, side="left"))
+        overlap[done:inside] = gains[ends[done:inside] - start]
+        total, done = gains[-1], inside
     # The total is R in exact arithmetic; dividing by the float64 total instead of R keeps
     # the curve monotone and ending at exactly 1 despite ~1e7 rounded additions.
     overlap /= overlap[-1]

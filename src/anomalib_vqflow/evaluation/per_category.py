@@ -168,6 +168,14 @@ def _ordered(row: dict[str, float]) -> dict[str, float]:
     return {column: row[column] for column in MetricsTable.COLUMNS}
 
 
+def _members(selected: np.ndarray) -> slice | np.ndarray:
+    """Index of the selected rows: a slice when they are contiguous, so that indexing the maps copies nothing."""
+    index = np.flatnonzero(selected)
+    if index.size and index[-1] - index[0] + 1 == index.size:
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return selected
+
+
 def _mean(values: list[float]) -> float:
     # fsum: an exactly rounded sum, so the mean does not depend on the category order.
     return math.fsum(values) / len(values) if values else math.nan
@@ -215,11 +223,11 @@ def compute_metrics_table(
     annotated = np.zeros(scores.size, dtype=bool)  # images of categories with pixel annotations
     pixel_rows: list[dict[str, float]] = []
     for name in sorted(set(names.tolist())):
-        members = names == name
+        members = _members(names == name)
         row = _image_columns(scores[members], labels[members])
         member_masks = None if masks is None else masks[members]
         if member_masks is not None and member_masks.any():
-            annotated |= members
+            annotated[members] = True
             row.update(_pixel_columns(maps[members], member_masks, fpr_limit))
             pixel_rows.append(row)
         else:

@@ -223,8 +223,8 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         """Log the perplexity and unused codes of every codebook, and how the prototypes match the categories."""
         health: dict[str, float] = {}
         for name, codebook in self.model.codebooks.items():
-            usage = self.all_gather(codebook.usage)
-            perplexity, unused = codebook_statistics(usage.reshape(-1, codebook.num_codes).sum(dim=0))
+            # Already the use over all ranks: the quantizer adds up its counts over them.
+            perplexity, unused = codebook_statistics(codebook.usage)
             health[f"{name}_perplexity"] = perplexity
             health[f"{name}_unused"] = float(unused)
         prototypes = torch.cat(self._epoch_prototypes).tolist() if self._epoch_prototypes else []
