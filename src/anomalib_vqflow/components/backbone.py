@@ -264,6 +264,10 @@ class FeatureExtractor(nn.Module):
         FileNotFoundError: If ``weights`` does not exist.
         RuntimeError: If pretrained weights are needed but cannot be obtained.
 
+    Example:
+        >>> extractor = FeatureExtractor("tf_efficientnet_lite0", strides=(8, 16), pre_trained=False)
+        >>> extractor.layers, extractor.out_channels
+        ([2, 3], [40, 112])
     """
 
     def __init__(

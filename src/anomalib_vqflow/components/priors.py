@@ -57,6 +57,14 @@ class ConceptGaussianPrior(nn.Module):
         prototype_channels: Dimension of the prototype codes.
         channels: Latent channels of each scale.
         log_det: Add the standardisation's log-Jacobian (the exact likelihood); ``False`` is the official form.
+
+    Example:
+        >>> import torch
+        >>> prior = ConceptGaussianPrior(prototype_channels=4, channels=[3])
+        >>> latent = torch.randn(2, 3, 8, 8)
+        >>> standardised, log_det = prior([latent], torch.randn(2, 4))
+        >>> torch.equal(standardised[0], latent), log_det.tolist()  # zero-initialised heads: the identity at first
+        (True, [0.0, 0.0])
     """
 
     def __init__(self, prototype_channels: int, channels: Sequence[int], log_det: bool = True) -> None:
@@ -113,6 +121,11 @@ class HierarchicalGaussianMixture(nn.Module):
         channels: Latent dimension ``D``.
         num_intra_centers: Centres ``M`` of every component, its main centre included (HGAD: 10).
         init_scale: Scale of the identity-block initialisation of the component centres (HGAD: 5).
+
+    Example:
+        >>> mixture = HierarchicalGaussianMixture(num_components=2, channels=4, num_intra_centers=3)
+        >>> tuple(mixture.centers.shape), tuple(mixture.center_offsets.shape)  # main centres; the others as offsets
+        ((2, 4), (2, 2, 4))
     """
 
     def __init__(

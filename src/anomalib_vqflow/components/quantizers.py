@@ -57,6 +57,14 @@ class QuantizerOutput(NamedTuple):
         quantized: The quantized input, same shape, with straight-through gradients.
         indices: Index of the chosen code of every vector, the input's shape without channels.
         commitment: ``mean((sg[quantized] - input)^2)``, a scalar.
+
+    Example:
+        >>> import torch
+        >>> quantizer = VectorQuantizer(num_codes=2, dim=1).eval()
+        >>> _ = quantizer.codebook.copy_(torch.tensor([[0.0], [10.0]]))
+        >>> output = quantizer(torch.tensor([[1.0], [9.0]]))
+        >>> output.quantized.tolist(), output.indices.tolist(), output.commitment.item()
+        ([[0.0], [10.0]], [0, 1], 1.0)
     """
 
     quantized: torch.Tensor
@@ -102,6 +110,14 @@ class VectorQuantizer(nn.Module):
         restart_dead_codes: Move codes whose moving cluster size falls below
             ``dead_code_threshold`` onto random inputs of the current training batch.
         dead_code_threshold: Moving cluster size (average assignments per step) under which a code is dead.
+
+    Example:
+        >>> import torch
+        >>> quantizer = VectorQuantizer(num_codes=2, dim=1, decay=0.0, eps=0.0).train()
+        >>> _ = quantizer.codebook.copy_(torch.tensor([[0.0], [10.0]]))
+        >>> _ = quantizer(torch.tensor([[1.0], [3.0], [9.0]]))  # decay 0: every code jumps to the mean of its inputs
+        >>> quantizer.codebook.squeeze(1).tolist(), quantizer.usage.tolist()
+        ([2.0, 9.0], [2.0, 1.0])
     """
 
     def __init__(

@@ -91,7 +91,12 @@ def multiplicative_image_score(joint: torch.Tensor, top_k: float) -> torch.Tenso
 
 
 class AnomalyMapMode(str, Enum):
-    """Which aggregation of the scales becomes ``anomaly_map``: MSFlow localizes with ``add``."""
+    """Which aggregation of the scales becomes ``anomaly_map``: MSFlow localizes with ``add``.
+
+    Example:
+        >>> AnomalyMapMode("mul") is AnomalyMapMode.MUL
+        True
+    """
 
     ADD = "add"
     MUL = "mul"
@@ -103,6 +108,13 @@ class AnomalyMapGenerator(nn.Module):
     Args:
         top_k: Share of pixels averaged for the image score (MSFlow: 0.03).
         mode: Aggregation used for ``anomaly_map``: ``"add"`` (MSFlow's localization map) or ``"mul"``.
+
+    Example:
+        >>> import torch
+        >>> generator = AnomalyMapGenerator(top_k=0.1, mode="mul")
+        >>> score, anomaly_map = generator([torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)], (32, 32))
+        >>> score.shape, anomaly_map.shape
+        (torch.Size([2]), torch.Size([2, 1, 32, 32]))
     """
 
     def __init__(self, top_k: float = 0.03, mode: AnomalyMapMode | str = AnomalyMapMode.ADD) -> None:

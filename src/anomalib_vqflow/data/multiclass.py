@@ -63,14 +63,27 @@ _MASK_SUFFIXES = ("_mask", "")
 
 @dataclass
 class CategoryImageItem(ImageItem):
-    """Anomalib ``ImageItem`` that also carries the name of its category."""
+    """Anomalib ``ImageItem`` that also carries the name of its category.
+
+    Example:
+        >>> import torch
+        >>> CategoryImageItem(image=torch.zeros(3, 4, 4), category="screw").category
+        'screw'
+    """
 
     category: str | None = None
 
 
 @dataclass
 class CategoryImageBatch(ImageBatch):
-    """Anomalib ``ImageBatch`` whose items carry their category (``batch.category`` is a list)."""
+    """Anomalib ``ImageBatch`` whose items carry their category (``batch.category`` is a list).
+
+    Example:
+        >>> import torch
+        >>> batch = CategoryImageBatch(image=torch.zeros(2, 3, 4, 4), category=["screw", "cable"])
+        >>> [item.category for item in batch.items]
+        ['screw', 'cable']
+    """
 
     item_class: ClassVar[type[ImageItem]] = CategoryImageItem
     category: list[str] | None = None
@@ -170,6 +183,15 @@ class MultiClassDataset(AnomalibDataset):
         categories: Category names to load.
         augmentations: Augmentations applied to every image (and mask).
         split: ``"train"``, ``"test"`` or ``None`` for both.
+
+    Example:
+        >>> import tempfile
+        >>> from anomalib_vqflow.data.demo import generate_demo_dataset
+        >>> root = generate_demo_dataset(tempfile.mkdtemp(), categories=["brick", "coins"], image_size=32, num_train=2,
+        ...                              num_test_good=1, num_test_defect=2)
+        >>> dataset = MultiClassDataset(root, ["brick", "coins"], split="test")
+        >>> len(dataset), sorted(set(dataset.samples.label)), dataset[0].category
+        (6, ['good', 'hole', 'scratch'], 'brick')
     """
 
     def __init__(

@@ -17,17 +17,6 @@ Use it from the command line::
 
     anomalib predict --model VqFlow --ckpt_path model.ckpt --data PredictFolder --data.path ./new_images
 
-Example:
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> from PIL import Image
-    >>> folder = Path(tempfile.mkdtemp())
-    >>> Image.new("L", (40, 30)).save(folder / "gray.png")
-    >>> Image.new("I;16", (40, 30)).save(folder / "sixteen_bit.png")
-    >>> _ = (folder / "notes.txt").write_text("not an image")
-    >>> dataset = PredictFolder(folder)
-    >>> len(dataset), dataset[0].image.shape, [path.name for path, _ in dataset.bad_files]
-    (1, torch.Size([3, 30, 40]), ['notes.txt', 'sixteen_bit.png'])
 """
 
 from __future__ import annotations
@@ -71,6 +60,20 @@ class PredictFolder(Dataset):
     Raises:
         FileNotFoundError: If ``path`` does not exist or holds no file.
         ValueError: If no file under ``path`` can be read as an image (the message lists them).
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> Image.new("L", (40, 30)).save(folder / "gray.png")
+        >>> Image.new("RGBA", (40, 30)).save(folder / "with_alpha.png")
+        >>> Image.new("I;16", (40, 30)).save(folder / "sixteen_bit.png")
+        >>> _ = (folder / "notes.txt").write_text("not an image")
+        >>> dataset = PredictFolder(folder)
+        >>> len(dataset), [path.name for path, _ in dataset.bad_files]
+        (2, ['notes.txt', 'sixteen_bit.png'])
+        >>> [item.image.shape for item in dataset]  # RGB, alpha dropped, as Anomalib reads training images
+        [torch.Size([3, 30, 40]), torch.Size([3, 30, 40])]
     """
 
     def __init__(self, path: str | Path) -> None:

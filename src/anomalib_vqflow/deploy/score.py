@@ -80,6 +80,21 @@ class ExportedModel:
         model_file: ``model.xml`` (or ``.onnx``) written by ``anomalib export`` / ``Engine.export``.
         device: OpenVINO device name.
         precision: ``"f32"`` to match PyTorch, ``"auto"`` for OpenVINO's default (bf16 where the CPU has it).
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> class Brightest(torch.nn.Module):
+        ...     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        ...         return image.amax(dim=(1, 2, 3))
+        >>> model_file = Path(tempfile.mkdtemp()) / "model.onnx"
+        >>> torch.onnx.export(Brightest(), (torch.rand(1, 3, 8, 8),), model_file, output_names=["pred_score"],
+        ...                   dynamo=False)
+        >>> model = ExportedModel(model_file)
+        >>> image = np.zeros((8, 8, 3), dtype=np.float32)
+        >>> image[2, 3, 1] = 0.75
+        >>> model.output_names, model(image)["pred_score"].tolist()
+        (['pred_score'], [0.75])
     """
 
     def __init__(self, model_file: Path, device: str = "CPU", precision: str = "f32") -> None:

@@ -127,7 +127,15 @@ def _distributed() -> bool:
 
 @dataclass
 class CollectedOutputs:
-    """The raw test outputs that one process collected: arrays per batch, identity per image."""
+    """The raw test outputs that one process collected: arrays per batch, identity per image.
+
+    Example:
+        >>> import numpy as np
+        >>> part = CollectedOutputs(scores=[np.array([0.5, 0.1])], labels=[np.array([True, False])],
+        ...                         categories=["b", "a"], paths=["d/b/test/bad/0.png", "d/a/test/good/0.png"])
+        >>> merge_collected_outputs([part]).categories  # one order, by category and path
+        ['a', 'b']
+    """
 
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
@@ -215,6 +223,9 @@ class UnifiedEvaluator(Evaluator):
     Attributes:
         table: The last computed :class:`MetricsTable`, or ``None``.
 
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> engine = Engine(callbacks=[UnifiedEvaluator(fpr_limit=0.05)])  # the table for any Anomalib model
     """
 
     def __init__(self, fpr_limit: float = 0.3, output_dir: str | Path | None = None) -> None:

@@ -58,6 +58,10 @@ class MetricsTable:
         rows: ``{row name: {column: value}}`` in display order; NaN where undefined.
         fpr_limit: The FPR integration limit used for AUPRO.
 
+    Example:
+        >>> table = compute_metrics_table([0.2, 0.8, 3.0, 5.0], [0, 1, 0, 1], ["a", "a", "b", "b"])
+        >>> table.categories, table.to_markdown().splitlines()[2]
+        (['a', 'b'], '| a | 100.0 | n/a | n/a | 100.0 | n/a | 100.0 | n/a |')
     """
 
     COLUMNS: ClassVar[tuple[str, ...]] = (

@@ -124,6 +124,12 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
         visualizer: Anomalib visualizer, ``True`` for the default.
+
+    Example:
+        >>> model = Hgad(backbone="tf_efficientnet_lite0", pre_trained=False, labels="dataset", num_components=2,
+        ...              num_intra_centers=2, num_blocks=1, position_channels=8)
+        >>> model.labels.value, model.learning_type.value  # the categories as classes while training, never at test
+        ('dataset', 'one_class')
     """
 
     def __init__(

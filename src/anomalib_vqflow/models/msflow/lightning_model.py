@@ -67,6 +67,13 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
         visualizer: Anomalib visualizer, ``True`` for the default.
+
+    Example:
+        >>> import torch
+        >>> model = MsFlow(backbone="tf_efficientnet_lite0", pre_trained=False, num_blocks=(1, 1, 1)).eval()
+        >>> output = model.model(torch.rand(1, 3, 64, 64))  # the torch model on a pre-processed image
+        >>> output.pred_score.shape, output.anomaly_map.shape
+        (torch.Size([1]), torch.Size([1, 1, 64, 64]))
     """
 
     def __init__(

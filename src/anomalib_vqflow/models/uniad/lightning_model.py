@@ -92,6 +92,15 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
 
     Raises:
         ValueError: If the pre-processor does not fix an input size.
+
+    Example:
+        >>> import torch
+        >>> model = UniAd(backbone="tf_efficientnet_lite0", pre_trained=False, hidden_channels=16, num_heads=2,
+        ...               num_encoder_layers=1, num_decoder_layers=1, feedforward_channels=32,
+        ...               neighbor_size=3, pre_processor=UniAd.configure_pre_processor(image_size=(64, 64))).eval()
+        >>> output = model.model(torch.rand(1, 3, 64, 64))
+        >>> output.pred_score.shape, output.anomaly_map.shape
+        (torch.Size([1]), torch.Size([1, 1, 64, 64]))
     """
 
     def __init__(

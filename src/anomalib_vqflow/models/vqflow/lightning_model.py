@@ -109,6 +109,14 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
         visualizer: Anomalib visualizer, ``True`` for the default.
+
+    Example:
+        >>> import torch
+        >>> model = VqFlow(backbone="tf_efficientnet_lite0", pre_trained=False, num_blocks=(1, 1, 1), num_prototypes=4,
+        ...                prototype_channels=8, num_patterns=8, position_channels=8).eval()
+        >>> output = model.model(torch.rand(1, 3, 64, 64))  # the torch model on a pre-processed image
+        >>> output.pred_score.shape, output.anomaly_map.shape
+        (torch.Size([1]), torch.Size([1, 1, 64, 64]))
     """
 
     def __init__(
