@@ -24,7 +24,17 @@ NON_FINITE_ACTIONS = ("stop", "skip")
 
 
 class NonFiniteError(RuntimeError):
-    """Training met a NaN or an infinity."""
+    """Training met a NaN or an infinity.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     if first_non_finite(loss=torch.tensor(float("nan"))):
+        ...         raise NonFiniteError("Non-finite loss at training step 3")
+        ... except RuntimeError as error:
+        ...     print(type(error).__name__, error)
+        NonFiniteError Non-finite loss at training step 3
+    """
 
 
 def check_non_finite_action(action: str) -> str:

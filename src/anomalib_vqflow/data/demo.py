@@ -102,7 +102,13 @@ _SOURCES: dict[str, _Source] = {
 
 
 class DemoSample(NamedTuple):
-    """One rendered image: ``good`` and ``image`` are ``(H, W, 3)`` uint8, ``mask`` is ``(H, W)`` bool."""
+    """One rendered image: ``good`` and ``image`` are ``(H, W, 3)`` uint8, ``mask`` is ``(H, W)`` bool.
+
+    Example:
+        >>> sample = render_sample("coins", "test", "hole", index=0, image_size=64)
+        >>> sample.image.shape, sample.mask.shape, bool(sample.mask.any()), bool((sample.good != sample.image).any())
+        ((64, 64, 3), (64, 64), True, True)
+    """
 
     good: np.ndarray
     image: np.ndarray

@@ -84,6 +84,10 @@ class UnifiedModelMixin:
 
     A model calls :meth:`_init_non_finite_guard` in its constructor and :meth:`_finite_step` in its
     training step (see :mod:`anomalib_vqflow.components.guards`).
+
+    Example:
+        >>> type(UnifiedModelMixin.configure_evaluator()).__name__
+        'UnifiedEvaluator'
     """
 
     pre_processor: object
@@ -300,6 +304,11 @@ class FlowTrainingMixin:
 
     The model sets ``model`` (its torch model), ``lr``, ``warmup_epochs``, ``lr_milestones``
     and ``lr_gamma``.
+
+    Example:
+        >>> from anomalib_vqflow.models import MsFlow
+        >>> MsFlow(backbone="tf_efficientnet_lite0", pre_trained=False).trainer_arguments
+        {'gradient_clip_val': 2.0, 'gradient_clip_algorithm': 'norm', 'num_sanity_val_steps': 0}
     """
 
     model: torch.nn.Module

@@ -68,6 +68,13 @@ class SeparableGaussianBlur(nn.Module):
 
     Args:
         sigma: Standard deviation in pixels.
+
+    Example:
+        >>> impulse = torch.zeros(1, 1, 17, 17)
+        >>> impulse[0, 0, 8, 8] = 1.0
+        >>> smoothed = SeparableGaussianBlur(sigma=1.0)(impulse)  # a 9 x 9 kernel, normalised
+        >>> round(float(smoothed.sum()), 6), int(smoothed.argmax())
+        (1.0, 144)
     """
 
     def __init__(self, sigma: float) -> None:
@@ -90,6 +97,13 @@ class HgadAnomalyMapGenerator(nn.Module):
         num_levels: Pyramid levels.
         map_size: Side of the square map the scores are computed and smoothed on (paper: 256).
         blur_sigma: Standard deviation in pixels of ``map_size`` of the Gaussian smoothing (paper: 4; 0 for none).
+
+    Example:
+        >>> generator = HgadAnomalyMapGenerator(num_levels=1, map_size=16, blur_sigma=0.0)
+        >>> at_reference = [torch.zeros(1, 1, 4, 4)]  # every pixel as likely as the training references
+        >>> score, anomaly_map = generator(at_reference, at_reference, (32, 32))
+        >>> score.tolist(), anomaly_map.shape
+        ([0.0], torch.Size([1, 1, 32, 32]))
     """
 
     def __init__(self, num_levels: int, map_size: int = 256, blur_sigma: float = 4.0) -> None:

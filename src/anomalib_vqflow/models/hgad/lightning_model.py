@@ -86,7 +86,12 @@ _COMPONENT_HEALTH_KEY = "hgad_component_health"
 
 
 class LabelSource(str, Enum):
-    """Where HGAD's mixture components come from: self-assigned clusters, or the dataset's categories."""
+    """Where HGAD's mixture components come from: self-assigned clusters, or the dataset's categories.
+
+    Example:
+        >>> LabelSource("dataset") is LabelSource.DATASET
+        True
+    """
 
     NONE = "none"
     DATASET = "dataset"

@@ -60,6 +60,15 @@ class HgadLoss(nn.Module):
     Args:
         mutual_information_weight: Weight of the mutual-information term (HGAD: 100).
         label_smoothing: Label smoothing of the component targets (HGAD: 0.02).
+
+    Example:
+        >>> import torch
+        >>> from anomalib_vqflow.components import HierarchicalGaussianMixture
+        >>> prior = HierarchicalGaussianMixture(num_components=2, channels=4, num_intra_centers=3)
+        >>> latents, log_jacobian, components = torch.randn(10, 4), torch.zeros(10), torch.zeros(10, dtype=torch.long)
+        >>> terms = HgadLoss()(prior, latents, log_jacobian, components, intra=True)
+        >>> sorted(terms)
+        ['entropy', 'intra_likelihood', 'likelihood', 'likelihood_sigmoid', 'loss', 'mutual_information']
     """
 
     def __init__(self, mutual_information_weight: float = 100.0, label_smoothing: float = 0.02) -> None:

@@ -66,6 +66,10 @@ class HgadEncoding(NamedTuple):
         components: Component of every image, ``(N,)``: from its own descriptor (what
             :meth:`HgadModel.encode` returns), or its category's in labelled training.
         sizes: Feature map size ``(H_l, W_l)`` of every level.
+
+    Example:
+        >>> HgadEncoding._fields
+        ('latents', 'log_jacobians', 'components', 'sizes')
     """
 
     latents: list[torch.Tensor]
@@ -90,6 +94,12 @@ class ComponentAssigner(nn.Module):
     Args:
         num_components: Centroids ``K``.
         channels: Descriptor dimension.
+
+    Example:
+        >>> assigner = ComponentAssigner(num_components=2, channels=3)
+        >>> _ = assigner.centroids.copy_(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+        >>> assigner(torch.tensor([[0.1, 0.0, 0.9], [0.8, 0.1, 0.0]])).tolist()
+        [0, 1]
     """
 
     def __init__(self, num_components: int, channels: int) -> None:
@@ -125,6 +135,12 @@ class FeatureStandardizer(nn.Module):
     Args:
         num_levels: Feature levels.
         channels: Channels of every level.
+
+    Example:
+        >>> standardizer = FeatureStandardizer(num_levels=1, channels=2)  # mean 0, std 1 until fitted
+        >>> features = [torch.randn(1, 2, 3, 3)]
+        >>> torch.equal(standardizer(features)[0], features[0])
+        True
     """
 
     def __init__(self, num_levels: int, channels: int) -> None:
@@ -172,6 +188,13 @@ class HgadModel(nn.Module):
         clamp: Affine clamping of the couplings.
         map_size: Side of the map the scores are computed and smoothed on (paper: 256).
         blur_sigma: Standard deviation, in pixels of that map, of the Gaussian smoothing (paper: 4).
+
+    Example:
+        >>> model = HgadModel(backbone="tf_efficientnet_lite0", layer=2, pre_trained=False, num_blocks=1,
+        ...                   position_channels=8, num_components=2, num_intra_centers=2, map_size=64)
+        >>> encoding = model.train()(torch.rand(2, 3, 64, 64))  # training: latents of the three pyramid levels
+        >>> [tuple(latent.shape) for latent in encoding.latents], encoding.sizes  # one row per pixel
+        ([(128, 40), (32, 40), (8, 40)], [(8, 8), (4, 4), (2, 2)])
     """
 
     def __init__(

@@ -47,6 +47,12 @@ class MsFlowModel(nn.Module):
         clamp: Affine clamping of all couplings.
         top_k: Share of pixels averaged into the image score.
         anomaly_map_mode: ``"add"`` (localization map of the paper) or ``"mul"``.
+
+    Example:
+        >>> model = MsFlowModel(backbone="tf_efficientnet_lite0", pre_trained=False, num_blocks=(1, 1, 1))
+        >>> latents, log_jacobian = model.train()(torch.rand(2, 3, 64, 64))  # training: latents per scale
+        >>> [tuple(latent.shape) for latent in latents], log_jacobian.shape
+        ([(2, 24, 8, 8), (2, 40, 4, 4), (2, 112, 2, 2)], torch.Size([2]))
     """
 
     def __init__(

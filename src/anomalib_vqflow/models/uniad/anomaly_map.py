@@ -28,6 +28,15 @@ class UniAdAnomalyMapGenerator(nn.Module):
     Args:
         pool_size: Side in pixels of the average pooling before the maximum (UniAD: 16 at 224 px);
             images smaller than it are pooled over their whole side.
+
+    Example:
+        >>> import torch
+        >>> target = torch.zeros(1, 8, 4, 4)
+        >>> reconstruction = target.clone()
+        >>> reconstruction[0, :, 1, 2] = 1.0  # one position reconstructed wrongly
+        >>> score, anomaly_map = UniAdAnomalyMapGenerator(pool_size=4)(reconstruction, target, (16, 16))
+        >>> anomaly_map.shape, bool(score > 0)
+        (torch.Size([1, 1, 16, 16]), True)
     """
 
     def __init__(self, pool_size: int = 16) -> None:

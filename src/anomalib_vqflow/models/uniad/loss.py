@@ -15,7 +15,13 @@ from torch import nn
 
 
 class UniAdLoss(nn.Module):
-    """Mean over batch, channels and positions of the squared reconstruction error."""
+    """Mean over batch, channels and positions of the squared reconstruction error.
+
+    Example:
+        >>> import torch
+        >>> UniAdLoss()(torch.ones(1, 2, 3, 3), torch.zeros(1, 2, 3, 3))
+        tensor(1.)
+    """
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return ``mean((reconstruction - target)^2)``; the target carries no gradient."""

@@ -103,6 +103,10 @@ class LearnedPositionEmbedding(nn.Module):
     Args:
         grid: ``(height, width)`` of the feature grid.
         channels: Embedding width (even); the column part comes first.
+
+    Example:
+        >>> LearnedPositionEmbedding(grid=(2, 3), channels=4)().shape  # one row per position, row-major
+        torch.Size([6, 4])
     """
 
     def __init__(self, grid: tuple[int, int], channels: int) -> None:
@@ -141,6 +145,13 @@ class NeighborMaskedEncoderLayer(nn.Module):
         num_heads: Attention heads.
         feedforward_channels: Hidden width of the feed-forward block.
         dropout: Dropout on attention weights, residual branches and the feed-forward block.
+
+    Example:
+        >>> layer = NeighborMaskedEncoderLayer(channels=8, num_heads=2, feedforward_channels=16, dropout=0.0)
+        >>> tokens, position = torch.randn(2, 6, 8), torch.randn(1, 6, 8)
+        >>> mask = neighbor_mask(2, 3, size=1)  # each position blind to itself
+        >>> layer(tokens, position, mask).shape
+        torch.Size([2, 6, 8])
     """
 
     def __init__(self, channels: int, num_heads: int, feedforward_channels: int, dropout: float) -> None:
@@ -173,6 +184,13 @@ class LayerwiseQueryDecoderLayer(nn.Module):
         num_heads: Attention heads.
         feedforward_channels: Hidden width of the feed-forward block.
         dropout: Dropout on attention weights, residual branches and the feed-forward block.
+
+    Example:
+        >>> layer = LayerwiseQueryDecoderLayer(num_positions=6, channels=8, num_heads=2, feedforward_channels=16,
+        ...                                    dropout=0.0)
+        >>> memory, position = torch.randn(2, 6, 8), torch.randn(1, 6, 8)
+        >>> layer(memory, memory, position, None).shape
+        torch.Size([2, 6, 8])
     """
 
     def __init__(
@@ -207,7 +225,12 @@ class LayerwiseQueryDecoderLayer(nn.Module):
 
 
 class UniAdReconstruction(NamedTuple):
-    """Training output: the reconstruction from jittered features and the clean target, both ``(N, C, h, w)``."""
+    """Training output: the reconstruction from jittered features and the clean target, both ``(N, C, h, w)``.
+
+    Example:
+        >>> UniAdReconstruction._fields
+        ('reconstruction', 'target')
+    """
 
     reconstruction: torch.Tensor
     target: torch.Tensor
@@ -238,6 +261,14 @@ class UniAdModel(nn.Module):
     Raises:
         ValueError: If the neighbourhood covers the whole grid (every position would be blocked
             from every key), or if the position embedding width is odd.
+
+    Example:
+        >>> model = UniAdModel(input_size=(64, 64), backbone="tf_efficientnet_lite0", pre_trained=False,
+        ...                    hidden_channels=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+        ...                    feedforward_channels=32, neighbor_size=3)
+        >>> output = model.train()(torch.rand(2, 3, 64, 64))  # training: reconstruction and target features
+        >>> output.reconstruction.shape == output.target.shape, tuple(output.target.shape)  # 16 + 24 + 40 + 112
+        (True, (2, 192, 4, 4))
     """
 
     def __init__(

@@ -51,6 +51,13 @@ class ConceptCalibration(nn.Module):
     Args:
         num_prototypes: Number of prototypes.
         min_images: Good images a prototype needs for statistics of its own.
+
+    Example:
+        >>> import torch
+        >>> calibration = ConceptCalibration(num_prototypes=2)  # the identity until fitted
+        >>> score, anomaly_map = calibration(torch.tensor([3.0]), torch.ones(1, 1, 2, 2), torch.tensor([0]))
+        >>> score.tolist(), anomaly_map.flatten().tolist()
+        ([3.0], [1.0, 1.0, 1.0, 1.0])
     """
 
     def __init__(self, num_prototypes: int, min_images: int = 3) -> None:

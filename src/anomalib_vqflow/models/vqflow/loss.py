@@ -25,6 +25,11 @@ class VqFlowLoss(nn.Module):
 
     Args:
         commitment_weight: Weight of the commitment losses.
+
+    Example:
+        >>> import torch
+        >>> VqFlowLoss(commitment_weight=2.0)([torch.zeros(1, 2, 2, 2)], torch.zeros(1), torch.tensor(0.5))
+        tensor(1.)
     """
 
     def __init__(self, commitment_weight: float = 1.0) -> None:

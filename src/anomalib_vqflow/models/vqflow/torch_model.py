@@ -58,6 +58,10 @@ class VqFlowEncoding(NamedTuple):
         log_jacobian: Total log-Jacobian of flows and prior, ``(N,)``.
         commitment: Sum of the commitment losses of all codebooks (scalar).
         prototypes: Index of every image's prototype, ``(N,)``.
+
+    Example:
+        >>> VqFlowEncoding._fields
+        ('latents', 'log_jacobian', 'commitment', 'prototypes')
     """
 
     latents: list[torch.Tensor]
@@ -67,7 +71,12 @@ class VqFlowEncoding(NamedTuple):
 
 
 class ConceptEncoder(nn.Sequential):
-    """Image-level descriptor for the prototype codebook: global average pool, then a two-layer MLP with batch norm."""
+    """Image-level descriptor for the prototype codebook: global average pool, then a two-layer MLP with batch norm.
+
+    Example:
+        >>> ConceptEncoder(in_channels=8, out_channels=4)(torch.randn(2, 8, 3, 3)).shape
+        torch.Size([2, 4])
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
@@ -93,6 +102,12 @@ class PatternEncoder(nn.Module):
         channels: Channels of the flow levels.
         top_channels: Channels of the conditioning (top) stage.
         pattern_channels: Channels of the pattern features (= positional code + prototype).
+
+    Example:
+        >>> encoder = PatternEncoder(channels=[4, 6], top_channels=8, pattern_channels=5)
+        >>> patterns = encoder([torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)], torch.randn(1, 8, 2, 2))
+        >>> [tuple(pattern.shape) for pattern in patterns]  # one per level, and one for the top stage
+        [(1, 5, 8, 8), (1, 5, 4, 4), (1, 5, 2, 2)]
     """
 
     def __init__(self, channels: Sequence[int], top_channels: int, pattern_channels: int) -> None:
@@ -141,6 +156,13 @@ class VqFlowModel(nn.Module):
         clamp: Affine clamping of the couplings.
         top_k: Share of pixels averaged into the image score.
         anomaly_map_mode: ``"add"`` (localization map of the paper) or ``"mul"``.
+
+    Example:
+        >>> model = VqFlowModel(backbone="tf_efficientnet_lite0", pre_trained=False, num_blocks=(1, 1, 1),
+        ...                     num_prototypes=4, prototype_channels=8, num_patterns=8, position_channels=8)
+        >>> encoding = model.train()(torch.rand(2, 3, 64, 64))  # training: latents, commitment, prototypes
+        >>> [latent.shape[1] for latent in encoding.latents], encoding.prototypes.shape  # a prototype per image
+        ([24, 40, 112], torch.Size([2]))
     """
 
     def __init__(
