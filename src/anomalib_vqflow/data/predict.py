@@ -2,8 +2,10 @@
 
 Anomalib's ``PredictDataset`` reads every file when its batch comes: one truncated PNG or stray
 text file ends a long ``anomalib predict`` run with a traceback. :class:`PredictFolder` decodes
-every file once when it is created, keeps the ones it can score, and lists the others with the
-reason (``bad_files``, and a warning per file), so the job scores the rest.
+every file when it is created, keeps the ones it can score, and lists the others with the
+reason (``bad_files``, and a warning per file), so the job scores the rest. A kept file is
+decoded again when its batch comes: holding the decoded images instead would cost the memory
+of the whole folder, not of one batch.
 
 Conversions, the same as Anomalib's reader makes for training and testing and as
 ``deploy/score.py`` makes for the OpenVINO path, so that scores match:
