@@ -173,8 +173,8 @@ def backbone_part(model: Any) -> Any:
             return getattr(self.module, self.name)(images)
 
     torch_model = model.model
-    if hasattr(torch_model, "pyramid_features"):
-        return Method(torch_model, "pyramid_features")
+    if hasattr(torch_model, "pyramid_levels"):
+        return Method(torch_model, "frozen_features")
     return torch_model.feature_extractor
 
 

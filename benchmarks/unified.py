@@ -81,6 +81,7 @@ class RunSettings:
     image_size: int
     backbone: str
     grid_images: list[str] = field(default_factory=list)
+    curve_epochs: list[int] = field(default_factory=list)
 
 
 def combined_root(roots: list[Path], categories: list[str] | None, folder: Path) -> Path:
@@ -95,6 +96,40 @@ def combined_root(roots: list[Path], categories: list[str] | None, folder: Path)
                 msg = f"Category {category!r} is in more than one root (second: {root})."
                 raise ValueError(msg)
             link.symlink_to(root.resolve() / category, target_is_directory=True)
+    return folder
+
+
+TEST_HALVES = ("dev", "report")
+HALF_RULES = {
+    "all": "all of them.",
+    "dev": "the development half (even positions of the sorted file names), on which settings may be chosen.",
+    "report": "the reported half (odd positions of the sorted file names); no setting was chosen on it.",
+}
+
+
+def halved_root(root: Path, half: str, folder: Path) -> Path:
+    """A copy of ``root`` (links) whose categories keep one fixed half of their test images, chosen by file name.
+
+    In every ``<category>/test/<label>/`` folder, the files at even positions of the sorted names
+    (``000.png``, ``002.png``, ...) are the development half (``"dev"``), on which settings may be
+    chosen; the others are the reported half (``"report"``), which no choice ever looks at.
+    Training images and masks are linked as they are.
+    """
+    if half not in TEST_HALVES:
+        msg = f"half must be one of {TEST_HALVES}, got {half!r}."
+        raise ValueError(msg)
+    for category in discover_categories(root):
+        source = root.resolve() / category
+        target = folder / category
+        target.mkdir(parents=True)
+        for part in source.iterdir():
+            if part.name != "test":
+                (target / part.name).symlink_to(part, target_is_directory=part.is_dir())
+        for label in sorted(path for path in (source / "test").iterdir() if path.is_dir()):
+            (target / "test" / label.name).mkdir(parents=True)
+            for position, image in enumerate(sorted(label.iterdir())):
+                if (position % 2 == 0) == (half == "dev"):
+                    (target / "test" / label.name / image.name).symlink_to(image)
     return folder
 
 
@@ -206,6 +241,35 @@ def anomaly_maps(model: Any, paths: list[str]) -> list[np.ndarray]:
     return maps
 
 
+class CurveCheckpoints:
+    """A Lightning callback (built lazily: Lightning loads in the worker) that writes a checkpoint at given epochs.
+
+    Each checkpoint is recorded with the training wall time from the start of ``fit`` to the end
+    of that epoch, so that a later test of it gives one point of the quality-against-time curve.
+    """
+
+    @staticmethod
+    def create(epochs: list[int], folder: Path) -> Any:
+        """The callback, and the list it fills with ``(epoch, fit seconds, checkpoint path)``."""
+        from lightning.pytorch import Callback
+
+        points: list[tuple[int, float, Path]] = []
+
+        class _Checkpoints(Callback):
+            def on_fit_start(self, *_: Any) -> None:
+                self.start = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer: Any, _module: Any) -> None:
+                epoch = trainer.current_epoch + 1
+                if epoch in epochs:
+                    seconds = time.perf_counter() - self.start
+                    path = folder / f"epoch_{epoch}.ckpt"
+                    trainer.save_checkpoint(path)
+                    points.append((epoch, round(seconds, 1), path))
+
+        return _Checkpoints(), points
+
+
 def run_model(settings: RunSettings) -> dict[str, Any]:
     """Train and test one model entry in this (fresh) process; return its table and measurements."""
     import warnings
@@ -219,10 +283,13 @@ def run_model(settings: RunSettings) -> dict[str, Any]:
     model, data, trainer_settings, record = build_model(settings)
     datamodule = MultiClassMVTecAD(root=settings.root, seed=settings.seed, **data)
     label = entry_label(settings.entry)
+    folder = settings.runs / f"{label}_seed{settings.seed}"
+    curve_callback, curve_points = CurveCheckpoints.create(settings.curve_epochs, folder / "curve")
     engine = Engine(
-        default_root_dir=settings.runs / f"{label}_seed{settings.seed}",
+        default_root_dir=folder,
         logger=False,
         enable_progress_bar=False,
+        callbacks=[curve_callback] if settings.curve_epochs else [],
         **trainer_settings,
     )
     start = time.perf_counter()
@@ -234,6 +301,16 @@ def run_model(settings: RunSettings) -> dict[str, Any]:
     engine.test(model=model, datamodule=datamodule)
     test_seconds = time.perf_counter() - start
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    table = model.evaluator.table.to_dict()
+    maps = anomaly_maps(model, settings.grid_images)
+    epochs_trained = round(batches / max(trainer.num_training_batches, 1), 2)
+    # Every curve point tested once, after training; the last one is the run's own table.
+    curve = []
+    for epoch, seconds, path in curve_points:
+        if epoch < epochs_trained:
+            engine.test(model=model, datamodule=datamodule, ckpt_path=path)
+            curve.append({"epoch": epoch, "fit_seconds": seconds, "table": model.evaluator.table.to_dict()})
+    curve.append({"epoch": epochs_trained, "fit_seconds": round(fit_seconds, 1), "table": table})
     return {
         "model": label,
         "seed": settings.seed,
@@ -241,7 +318,7 @@ def run_model(settings: RunSettings) -> dict[str, Any]:
         "data": data,
         "max_epochs": trainer_settings.get("max_epochs"),
         "fit_minutes_budget": settings.fit_minutes or None,
-        "epochs_trained": round(batches / max(trainer.num_training_batches, 1), 2),
+        "epochs_trained": epochs_trained,
         "train_images": len(datamodule.train_data),
         "validation_images": len(datamodule.val_data),
         "test_images": len(datamodule.test_data),
@@ -250,8 +327,9 @@ def run_model(settings: RunSettings) -> dict[str, Any]:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_rss_data_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "peak_gpu_mib": None if gpu_peak is None else round(gpu_peak, 1),
-        "table": model.evaluator.table.to_dict(),
-        "anomaly_maps": anomaly_maps(model, settings.grid_images),
+        "table": table,
+        "anomaly_maps": maps,
+        "curve": curve,
     }
 
 
@@ -385,6 +463,68 @@ def plot_anomaly_maps(grouped: dict[str, list[dict[str, Any]]], grid: list[tuple
     plt.close(figure)
 
 
+CURVE_METRICS = ("image_AUROC", "pixel_AUROC", "AUPRO")
+
+
+def write_curve(grouped: dict[str, list[dict[str, Any]]], output: Path) -> list[str]:
+    """``curve.csv`` and ``curve.png`` (first seed): quality against training time; returns the Markdown table.
+
+    One row per model and tested checkpoint: the epochs trained, the training minutes to reach
+    them, the mean over categories and the magnetic tile's value (where that category is present).
+    """
+    rows = []
+    for label, runs in grouped.items():
+        for point in runs[0]["curve"]:
+            table = point["table"]["rows"]
+            rows.append(
+                {
+                    "model": label,
+                    "epoch": point["epoch"],
+                    "fit_minutes": round(point["fit_seconds"] / 60, 2),
+                    **{f"mean_{m}": table["mean"][m] for m in CURVE_METRICS},
+                    **{f"magnetic_tile_{m}": table.get("magnetic_tile", {}).get(m) for m in CURVE_METRICS},
+                }
+            )
+    with (output / "curve.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_curve(rows, output / "curve.png")
+    header = ["model", "epoch", "fit min", *(f"mean {m}" for m in CURVE_METRICS), "magnetic_tile image_AUROC"]
+    lines = ["## Quality against training time (%)", "", "| " + " | ".join(header) + " |", "|:---|" + "---:|" * 6]
+    for row in rows:
+        values = [row[f"mean_{m}"] for m in CURVE_METRICS] + [row["magnetic_tile_image_AUROC"]]
+        cells = ["n/a" if v is None else f"{100 * v:.1f}" for v in values]
+        lines.append(f"| {row['model']} | {row['epoch']:g} | {row['fit_minutes']:.1f} | " + " | ".join(cells) + " |")
+    return [*lines, "", "![quality against training time](curve.png)", ""]
+
+
+def plot_curve(rows: list[dict[str, Any]], path: Path) -> None:
+    """Mean and magnetic tile image AUROC against training minutes; one-pass models as single marks."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for label in dict.fromkeys(row["model"] for row in rows):
+        points = [row for row in rows if row["model"] == label]
+        minutes = [row["fit_minutes"] for row in points]
+        for axis, key in zip(axes, ("mean_image_AUROC", "magnetic_tile_image_AUROC"), strict=True):
+            values = [None if row[key] is None else 100 * row[key] for row in points]
+            style = "o-" if len(points) > 1 else "*"
+            axis.plot(minutes, values, style, label=label, markersize=6 if len(points) > 1 else 12)
+    for axis, title in zip(axes, ("mean over categories", "magnetic_tile"), strict=True):
+        axis.set_title(f"image AUROC, {title}")
+        axis.set_xlabel("training minutes (fit)")
+        axis.set_ylabel("image AUROC (%)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize="small", loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def rules(args: argparse.Namespace) -> list[str]:
     """The budget rules of this run, as Markdown bullets."""
     budget = f"at most {args.fit_minutes:g} min of training wall time" if args.fit_minutes else "no time limit"
@@ -396,6 +536,12 @@ def rules(args: argparse.Namespace) -> list[str]:
         f"- Anomalib's models: their defaults on `{args.backbone}` with ImageNet weights "
         f"(Fastflow only builds ResNets and ViTs: `resnet18`), overrides {BUILTIN_OVERRIDES}, no post-processor.",
         "- Validation split: good training images. The last weights are tested once; metrics from raw scores.",
+        f"- Test images of the `--roots` categories: {HALF_RULES[args.test_half]}",
+        *(
+            [f"- Curve: checkpoints written at epochs {args.curve_epochs}, each tested once after training."]
+            if args.curve_epochs
+            else []
+        ),
     ]
 
 
@@ -426,6 +572,8 @@ def write_outputs(
         lines += ["## Overview (mean over categories, %)", "", *overview_table(grouped), ""]
         for metric in ("image_AUROC", "pixel_AUROC", "AUPRO"):
             lines += [f"## {metric} per category (%)", "", *metric_table(grouped, metric), ""]
+        if args.curve_epochs:
+            lines += write_curve(grouped, output)
         lines += ["## Every model's full table (first seed)", ""]
         for label, runs in grouped.items():
             table = MetricsTable(rows=runs[0]["table"]["rows"], fpr_limit=runs[0]["table"]["fpr_limit"])
@@ -448,6 +596,15 @@ def main() -> int:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="backbone of Anomalib's models")
     parser.add_argument("--seeds", type=int, nargs="+", default=[9826])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/unified"))
+    parser.add_argument(
+        "--curve-epochs", type=int, nargs="*", default=[], help="also test the checkpoints written at these epochs"
+    )
+    parser.add_argument(
+        "--test-half",
+        choices=["all", *TEST_HALVES],
+        default="all",
+        help="test the --roots categories on one fixed half of their test images (see halved_root)",
+    )
     args = parser.parse_args()
     for entry in args.models:
         parse_model_entry(entry)
@@ -456,6 +613,11 @@ def main() -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as folder:
+        if args.test_half != "all":
+            halves = {
+                root: halved_root(root, args.test_half, Path(folder) / f"half_{i}") for i, root in enumerate(args.roots)
+            }
+            roots = [halves.get(root, root) for root in roots]
         root = combined_root(roots, args.categories, Path(folder) / "unified")
         grid = grid_samples(root)
         for seed in args.seeds:
@@ -471,6 +633,7 @@ def main() -> int:
                     image_size=args.image_size,
                     backbone=args.backbone,
                     grid_images=[image for image, _ in grid],
+                    curve_epochs=args.curve_epochs,
                 )
                 print(f"Running {entry} with seed {seed}: {asdict(settings)}", flush=True)
                 results.append(run_in_fresh_process(settings))

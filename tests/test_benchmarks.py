@@ -13,7 +13,7 @@ from PIL import Image
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from unified import by_model, metric_table, overview_table, parse_model_entry  # noqa: E402
+from unified import by_model, halved_root, metric_table, overview_table, parse_model_entry  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,8 @@ def test_several_seeds_give_mean_and_sample_spread() -> None:
 def test_unified_benchmark_compares_plugin_and_anomalib_models(demo_root: Path, tmp_path: Path) -> None:
     output = tmp_path / "benchmark"
     command = [sys.executable, str(BENCHMARKS / "unified.py"), "--roots", str(demo_root)]
-    command += ["--models", "MsFlow", "Padim", "Fastflow", "--max-epochs", "1", "--fit-minutes", "0"]
+    command += ["--models", "MsFlow", "Padim", "Fastflow", "--max-epochs", "2", "--fit-minutes", "0"]
+    command += ["--curve-epochs", "1"]
     command += ["--image-size", "64", "--output", str(output)]
     # Offline, with an empty Hub cache: Padim gets the packaged lite0 weights, Fastflow's ResNet-18 is unavailable.
     environment = {
@@ -103,10 +104,44 @@ def test_unified_benchmark_compares_plugin_and_anomalib_models(demo_root: Path, 
         expected = (float(brick[model]["image_AUROC"]) + float(coffee[model]["image_AUROC"])) / 2
         assert float(mean[model]["image_AUROC"]) == pytest.approx(expected)
 
+    # The curve: MsFlow's checkpoint of epoch 1 tested after training, then its last weights; PaDiM's one pass.
+    with (output / "curve.csv").open() as file:
+        curve = list(csv.DictReader(file))
+    assert [(row["model"], float(row["epoch"])) for row in curve] == [("MsFlow", 1.0), ("MsFlow", 2.0), ("Padim", 1.0)]
+    assert float(curve[0]["fit_minutes"]) < float(curve[1]["fit_minutes"])
+    assert float(curve[1]["mean_image_AUROC"]) == pytest.approx(float(mean["MsFlow"]["image_AUROC"]))
+    assert curve[0]["magnetic_tile_image_AUROC"] == ""  # no such category here
+
     markdown = (output / "summary.md").read_text()
+    assert "## Quality against training time (%)" in markdown
     assert "## Rules" in markdown
     assert "Fastflow (seed 9826)" in markdown
     assert "| Padim |" in markdown
     with Image.open(output / "anomaly_maps.png") as grid, Image.open(output / "image_auroc_per_category.png") as bars:
         assert grid.width > grid.height > 0
         assert bars.width > 0
+    with Image.open(output / "curve.png") as figure:
+        assert figure.width > figure.height > 0
+
+
+def test_test_halves_split_every_label_folder_by_file_name(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for label, count in (("good", 3), ("crack", 4)):
+        (root / "tile" / "test" / label).mkdir(parents=True)
+        for index in range(count):
+            (root / "tile" / "test" / label / f"{index:03d}.png").write_bytes(b"")
+    (root / "tile" / "train" / "good").mkdir(parents=True)
+    (root / "tile" / "ground_truth").mkdir()
+    halves = {half: halved_root(root, half, tmp_path / half) for half in ("dev", "report")}
+    names = {
+        half: sorted(
+            str(path.relative_to(folder / "tile" / "test")) for path in (folder / "tile" / "test").rglob("*.png")
+        )
+        for half, folder in halves.items()
+    }
+    assert names["dev"] == ["crack/000.png", "crack/002.png", "good/000.png", "good/002.png"]
+    assert names["report"] == ["crack/001.png", "crack/003.png", "good/001.png"]
+    assert (halves["report"] / "tile" / "train" / "good").is_dir()
+    assert (halves["report"] / "tile" / "ground_truth").is_dir()
+    with pytest.raises(ValueError, match="half must be one of"):
+        halved_root(root, "other", tmp_path / "other")

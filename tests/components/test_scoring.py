@@ -7,6 +7,7 @@ import torch
 
 from anomalib_vqflow.components.positional import positional_encoding_2d
 from anomalib_vqflow.components.scoring import (
+    AnomalyMapGenerator,
     additive_anomaly_map,
     joint_log_likelihood,
     log_likelihood_maps,
@@ -70,3 +71,14 @@ def test_image_score_ranks_as_the_paper_score_without_saturating() -> None:
     assert torch.equal(top_k_mean(multiplicative_anomaly_map(joint), 1 / 16), torch.ones(2))
     stable = multiplicative_image_score(joint, 1 / 16)
     torch.testing.assert_close(stable, torch.tensor([40.0, 60.0]))
+
+
+def test_nll_mode_keeps_likelihoods_comparable_across_images() -> None:
+    # Two images, one scale of 1 x 2 pixels: z^2 means 0, 2 (image 0) and 20, 22 (image 1).
+    latents = [torch.tensor([[[[0.0, math.sqrt(2.0)]]], [[[math.sqrt(20.0), math.sqrt(22.0)]]]])]
+    score, anomaly_map = AnomalyMapGenerator(top_k=0.5, mode="nll")(latents, (1, 2))
+    torch.testing.assert_close(anomaly_map, torch.tensor([[[[0.0, 1.0]]], [[[10.0, 11.0]]]]))
+    torch.testing.assert_close(score, torch.tensor([1.0, 11.0]))  # top half: the worst pixel
+    # Per image, the paper's maps give both images the same map.
+    _, additive = AnomalyMapGenerator(top_k=0.5, mode="add")(latents, (1, 2))
+    torch.testing.assert_close(additive[0], additive[1])

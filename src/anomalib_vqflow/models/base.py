@@ -23,7 +23,7 @@ Example:
 import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,7 @@ class UnifiedModelMixin:
     evaluator: object
     visualizer: object
     non_finite: str
+    cached_features: Callable[..., list[torch.Tensor] | None]
     global_step: int
     current_epoch: int
 
@@ -239,7 +240,7 @@ class UnifiedModelMixin:
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images; Anomalib's post-processor fits normalisation and thresholds on them."""
         del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
+        return batch.update(**self.model(batch.image, features=self.cached_features(batch))._asdict())
 
     @property
     def learning_type(self) -> LearningType:

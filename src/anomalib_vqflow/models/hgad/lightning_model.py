@@ -75,6 +75,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerC
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
 from anomalib_vqflow.evaluation.clustering import cluster_purity, normalized_mutual_information
 from anomalib_vqflow.models.base import UnifiedModelMixin, preprocessed_batches, warmup_cosine_factor
+from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .loss import HgadLoss
 from .torch_model import HgadEncoding, HgadModel, per_pixel
@@ -97,7 +98,7 @@ class LabelSource(str, Enum):
     DATASET = "dataset"
 
 
-class Hgad(UnifiedModelMixin, AnomalibModule):
+class Hgad(FeatureCacheMixin, UnifiedModelMixin, AnomalibModule):
     """HGAD for unified multi-class anomaly detection.
 
     Args:
@@ -125,6 +126,9 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
             log-determinants); ``"skip"`` skips that batch and counts it in the log
             (:mod:`anomalib_vqflow.components.guards`).
+        feature_cache: Compute the frozen features of every training image once and train on them
+            (:mod:`anomalib_vqflow.models.feature_cache`); ``None``: wherever that is exact,
+            ``True``: an error where it is not, ``False``: never.
         pre_processor: Anomalib pre-processor, ``True`` for the default (1024 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -161,6 +165,7 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         warmup_epochs: int = 16,
         min_lr_factor: float = 1e-3,
         non_finite: str = "stop",
+        feature_cache: bool | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -173,6 +178,7 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self._init_non_finite_guard(non_finite)
+        self._init_feature_cache(feature_cache)
         try:
             self.labels = LabelSource(labels)
         except ValueError:
@@ -244,13 +250,14 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         numbering). Under distributed training every rank fits from all images and then takes
         rank 0's fit, so that all ranks use the same components.
         """
+        super().on_train_start()
         resumed = bool(self.model.component_assigner.fitted)
         if resumed and (self.labels == LabelSource.NONE or self.category_index):
             return
         descriptors, categories, moments = [], [], []
         with torch.no_grad():
             for batch, images in preprocessed_batches(self, self.trainer.train_dataloader):
-                features = self.model.pyramid_features(images)
+                features = self.cached_features(batch, images) or self.model.frozen_features(images)
                 moments.append(self.model.standardizer.moments(features))
                 descriptors.append(self.model.descriptors(features[0]))
                 categories.extend(getattr(batch, "category", None) or [])
@@ -346,7 +353,7 @@ class Hgad(UnifiedModelMixin, AnomalibModule):
         del args, kwargs
         if not self._finite_step(batch, image=batch.image):
             return None
-        assigned = self.model(batch.image)
+        assigned = self.model(batch.image, features=self.cached_features(batch))
         encoding = assigned._replace(components=self._components_of(batch, assigned.components))
         totals = self.loss_terms(encoding, intra=self.current_epoch >= self.inter_class_epochs)
         if not self._finite_step(

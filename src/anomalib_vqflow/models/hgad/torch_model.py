@@ -246,8 +246,8 @@ class HgadModel(nn.Module):
         self.component_assigner = ComponentAssigner(num_components, channels)
         self.anomaly_map_generator = HgadAnomalyMapGenerator(pyramid_levels, map_size, blur_sigma)
 
-    def pyramid_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone features of every pyramid level, finest first, before standardisation."""
+    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features of every pyramid level, finest first, before standardisation (what a cache keeps)."""
         height, width = images.shape[-2:]
         features = []
         for level in range(self.pyramid_levels):
@@ -263,9 +263,10 @@ class HgadModel(nn.Module):
         """L2-normalised global average of a level's features, ``(N, C)``: what picks an image's component."""
         return F.normalize(features.mean(dim=(2, 3)), dim=1)
 
-    def encode(self, images: torch.Tensor) -> HgadEncoding:
+    def encode(self, images: torch.Tensor, features: list[torch.Tensor] | None = None) -> HgadEncoding:
         """Latent rows and log-Jacobians of every level, and every image's component."""
-        features = self.pyramid_features(images)
+        if features is None:
+            features = self.frozen_features(images)
         components = self.component_assigner(self.descriptors(features[0]))
         latents, log_jacobians, sizes = [], [], []
         for flow, feature in zip(self.flows, self.standardizer(features), strict=True):
@@ -290,9 +291,14 @@ class HgadModel(nn.Module):
             negative_entropies.append(prior.negative_entropy(latent).view(-1, 1, height, width))
         return log_likelihoods, negative_entropies
 
-    def forward(self, images: torch.Tensor) -> HgadEncoding | InferenceBatch:
-        """Return an :class:`HgadEncoding` in training mode, an ``InferenceBatch`` in eval mode."""
-        encoding = self.encode(images)
+    def forward(
+        self, images: torch.Tensor, features: list[torch.Tensor] | None = None
+    ) -> HgadEncoding | InferenceBatch:
+        """Return an :class:`HgadEncoding` in training mode, an ``InferenceBatch`` in eval mode.
+
+        ``features``: the images' :meth:`frozen_features`, when already known (a feature cache).
+        """
+        encoding = self.encode(images, features)
         if self.training:
             return encoding
         log_likelihoods, negative_entropies = self.score_maps(encoding)

@@ -38,12 +38,13 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
 from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin
+from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .loss import MsFlowLoss
 from .torch_model import MsFlowModel
 
 
-class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
+class MsFlow(FlowTrainingMixin, FeatureCacheMixin, UnifiedModelMixin, AnomalibModule):
     """MSFlow for unified multi-class anomaly detection.
 
     Args:
@@ -63,6 +64,9 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
             log-determinants); ``"skip"`` skips that batch and counts it in the log
             (:mod:`anomalib_vqflow.components.guards`).
+        feature_cache: Compute the frozen features of every training image once and train on them
+            (:mod:`anomalib_vqflow.models.feature_cache`); ``None``: wherever that is exact,
+            ``True``: an error where it is not, ``False``: never.
         pre_processor: Anomalib pre-processor, ``True`` for the default (512 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -92,6 +96,7 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         lr_milestones: Sequence[int] = (70, 90),
         lr_gamma: float = 0.33,
         non_finite: str = "stop",
+        feature_cache: bool | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -104,6 +109,7 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self._init_non_finite_guard(non_finite)
+        self._init_feature_cache(feature_cache)
         self.model = MsFlowModel(
             backbone=backbone,
             layers=layers,
@@ -131,7 +137,7 @@ class MsFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         del args, kwargs
         if not self._finite_step(batch, image=batch.image):
             return None
-        latents, log_jacobian = self.model(batch.image)
+        latents, log_jacobian = self.model(batch.image, features=self.cached_features(batch))
         loss = self.loss(latents, log_jacobian)
         if not self._finite_step(batch, loss=loss, log_jacobian=log_jacobian, latents=latents):
             return None

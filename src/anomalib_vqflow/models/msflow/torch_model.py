@@ -82,9 +82,16 @@ class MsFlowModel(nn.Module):
         self.fusion_flow = FusionCoupling(channels, clamp=clamp)
         self.anomaly_map_generator = AnomalyMapGenerator(top_k=top_k, mode=anomaly_map_mode)
 
-    def encode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Map images to the fused latents of every scale and the total log-Jacobian ``(N,)``."""
-        features = [self.pool(feature) for feature in self.feature_extractor(images)]
+    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Return the pooled backbone stages: everything before the first trainable layer (what a cache keeps)."""
+        return [self.pool(feature) for feature in self.feature_extractor(images)]
+
+    def encode(
+        self, images: torch.Tensor, features: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Map images (or their :meth:`frozen_features`) to the fused latents and the total log-Jacobian ``(N,)``."""
+        if features is None:
+            features = self.frozen_features(images)
         conditions = [
             positional_encoding_2d(self.condition_channels, *feature.shape[-2:])
             .to(feature)
@@ -95,9 +102,14 @@ class MsFlowModel(nn.Module):
         latents, fusion_log_jacobian = self.fusion_flow(latents)
         return latents, parallel_log_jacobian + fusion_log_jacobian
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor] | InferenceBatch:
-        """Return ``(latents, log_jacobian)`` in training mode, an ``InferenceBatch`` in eval mode."""
-        latents, log_jacobian = self.encode(images)
+    def forward(
+        self, images: torch.Tensor, features: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | InferenceBatch:
+        """Return ``(latents, log_jacobian)`` in training mode, an ``InferenceBatch`` in eval mode.
+
+        ``features``: the images' :meth:`frozen_features`, when already known (a feature cache).
+        """
+        latents, log_jacobian = self.encode(images, features)
         if self.training:
             return latents, log_jacobian
         pred_score, anomaly_map = self.anomaly_map_generator(latents, images.shape[-2:])

@@ -51,12 +51,13 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 
 from anomalib_vqflow.models.base import UnifiedModelMixin
+from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .loss import UniAdLoss
 from .torch_model import UniAdModel
 
 
-class UniAd(UnifiedModelMixin, AnomalibModule):
+class UniAd(FeatureCacheMixin, UnifiedModelMixin, AnomalibModule):
     """UniAD for unified multi-class anomaly detection.
 
     The torch model is built for the input size of the pre-processor (its learned queries and
@@ -85,6 +86,9 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
         non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
             log-determinants); ``"skip"`` skips that batch and counts it in the log
             (:mod:`anomalib_vqflow.components.guards`).
+        feature_cache: Compute the frozen features of every training image once and train on them
+            (:mod:`anomalib_vqflow.models.feature_cache`); ``None``: wherever that is exact,
+            ``True``: an error where it is not, ``False``: never.
         pre_processor: Anomalib pre-processor, ``True`` for the default (224 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -125,6 +129,7 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
         lr_step: int = 800,
         lr_gamma: float = 0.1,
         non_finite: str = "stop",
+        feature_cache: bool | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -137,6 +142,7 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self._init_non_finite_guard(non_finite)
+        self._init_feature_cache(feature_cache)
         self.model = self._build_model()
         self.loss = UniAdLoss()
         self.lr = lr
@@ -179,7 +185,7 @@ class UniAd(UnifiedModelMixin, AnomalibModule):
         del args, kwargs
         if not self._finite_step(batch, image=batch.image):
             return None
-        output = self.model(batch.image)
+        output = self.model(batch.image, features=self.cached_features(batch))
         loss = self.loss(output.reconstruction, output.target)
         if not self._finite_step(batch, loss=loss, reconstruction=output.reconstruction):
             return None

@@ -371,9 +371,18 @@ class UniAdModel(nn.Module):
         reconstruction = self.output_projection(self.decoder_norm(decoded))
         return reconstruction.transpose(1, 2).reshape(target.shape)
 
-    def forward(self, images: torch.Tensor) -> UniAdReconstruction | InferenceBatch:
-        """Return the reconstruction and its target in training mode, an ``InferenceBatch`` in eval mode."""
-        target = self.features(images)
+    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``[features(images)]``: the reconstruction target is all that comes before a trainable layer."""
+        return [self.features(images)]
+
+    def forward(
+        self, images: torch.Tensor, features: list[torch.Tensor] | None = None
+    ) -> UniAdReconstruction | InferenceBatch:
+        """Return the reconstruction and its target in training mode, an ``InferenceBatch`` in eval mode.
+
+        ``features``: the images' :meth:`frozen_features`, when already known (a feature cache).
+        """
+        target = self.features(images) if features is None else features[0]
         reconstruction = self.reconstruct(target)
         if self.training:
             return UniAdReconstruction(reconstruction, target)

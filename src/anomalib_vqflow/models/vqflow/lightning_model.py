@@ -66,6 +66,7 @@ from anomalib_vqflow.components.flows import AFFINE_CLAMPING
 from anomalib_vqflow.components.quantizers import codebook_statistics
 from anomalib_vqflow.evaluation.clustering import cluster_purity, normalized_mutual_information
 from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin, preprocessed_batches
+from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .anomaly_map import image_moments
 from .loss import VqFlowLoss
@@ -74,7 +75,7 @@ from .torch_model import VqFlowModel
 logger = logging.getLogger(__name__)
 
 
-class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
+class VqFlow(FlowTrainingMixin, FeatureCacheMixin, UnifiedModelMixin, AnomalibModule):
     """VQ-Flow for unified multi-class anomaly detection.
 
     Args:
@@ -105,6 +106,9 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
             log-determinants); ``"skip"`` skips that batch and counts it in the log
             (:mod:`anomalib_vqflow.components.guards`).
+        feature_cache: Compute the frozen features of every training image once and train on them
+            (:mod:`anomalib_vqflow.models.feature_cache`); ``None``: wherever that is exact,
+            ``True``: an error where it is not, ``False``: never.
         pre_processor: Anomalib pre-processor, ``True`` for the default (384 px, ImageNet normalisation).
         post_processor: Anomalib post-processor, ``True`` for the default.
         evaluator: Evaluator, ``True`` for the per-category :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator`.
@@ -144,6 +148,7 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         lr_milestones: Sequence[int] = (),
         lr_gamma: float = 0.33,
         non_finite: str = "stop",
+        feature_cache: bool | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -156,6 +161,7 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self._init_non_finite_guard(non_finite)
+        self._init_feature_cache(feature_cache)
         self.model = VqFlowModel(
             backbone=backbone,
             layers=layers,
@@ -203,7 +209,7 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         # Before the forward pass: in training it moves the codebooks, which a skipped batch must not do.
         if not self._finite_step(batch, image=batch.image):
             return None
-        encoding = self.model(batch.image)
+        encoding = self.model(batch.image, features=self.cached_features(batch))
         loss = self.loss(encoding.latents, encoding.log_jacobian, encoding.commitment)
         if not self._finite_step(
             batch,
@@ -269,7 +275,9 @@ class VqFlow(FlowTrainingMixin, UnifiedModelMixin, AnomalibModule):
         collected: list[tuple[torch.Tensor, ...]] = []
         with torch.no_grad():
             for batch, images in preprocessed_batches(self, dataloaders):
-                pred_score, anomaly_map, prototypes = self.model.uncalibrated_scores(images)
+                pred_score, anomaly_map, prototypes = self.model.uncalibrated_scores(
+                    images, self.cached_features(batch, images)
+                )
                 good = torch.ones_like(prototypes, dtype=torch.bool)
                 if batch.gt_label is not None:
                     good = batch.gt_label.to(self.device) == 0

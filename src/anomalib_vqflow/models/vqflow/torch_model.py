@@ -247,10 +247,14 @@ class VqFlowModel(nn.Module):
         output = residual_quantize(codebook, pattern, base)
         return torch.cat([output.quantized, prototype_map], dim=1), output.commitment
 
-    def encode(self, images: torch.Tensor) -> VqFlowEncoding:
-        """Map images to fused latents, with the log-Jacobian, the commitment loss and the prototypes."""
+    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Return the pooled flow stages and the conditioning stage: everything before the first trainable layer."""
         *stages, top = self.feature_extractor(images)
-        features = [self.pool(stage) for stage in stages]
+        return [*(self.pool(stage) for stage in stages), top]
+
+    def encode(self, images: torch.Tensor, features: list[torch.Tensor] | None = None) -> VqFlowEncoding:
+        """Map images (or their :meth:`frozen_features`) to fused latents, log-Jacobian, commitment and prototypes."""
+        *features, top = self.frozen_features(images) if features is None else features
         prototype_output = self.prototype_codebook(self.concept_encoder(top))
         prototype = prototype_output.quantized
         commitment = prototype_output.commitment
@@ -268,17 +272,24 @@ class VqFlowModel(nn.Module):
         log_jacobian = parallel_log_jacobian + prior_log_jacobian + fusion_log_jacobian
         return VqFlowEncoding(latents, log_jacobian, commitment, prototype_output.indices)
 
-    def uncalibrated_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def uncalibrated_scores(
+        self, images: torch.Tensor, features: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image scores ``(N,)``, anomaly maps ``(N, 1, H, W)`` before calibration, and the prototypes ``(N,)``."""
-        encoding = self.encode(images)
+        encoding = self.encode(images, features)
         pred_score, anomaly_map = self.anomaly_map_generator(encoding.latents, images.shape[-2:])
         return pred_score, anomaly_map, encoding.prototypes
 
-    def forward(self, images: torch.Tensor) -> VqFlowEncoding | InferenceBatch:
-        """Return the :class:`VqFlowEncoding` in training mode, the calibrated ``InferenceBatch`` in eval mode."""
+    def forward(
+        self, images: torch.Tensor, features: list[torch.Tensor] | None = None
+    ) -> VqFlowEncoding | InferenceBatch:
+        """Return the :class:`VqFlowEncoding` in training mode, the calibrated ``InferenceBatch`` in eval mode.
+
+        ``features``: the images' :meth:`frozen_features`, when already known (a feature cache).
+        """
         if self.training:
-            return self.encode(images)
-        pred_score, anomaly_map, prototypes = self.uncalibrated_scores(images)
+            return self.encode(images, features)
+        pred_score, anomaly_map, prototypes = self.uncalibrated_scores(images, features)
         if self.concept_calibration:
             pred_score, anomaly_map = self.calibration(pred_score, anomaly_map, prototypes)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
