@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torchvision.transforms import v2
 
 from anomalib_vqflow.components.feature_cache import FrozenFeatureCache
@@ -19,28 +19,45 @@ from test_unified_models import TINY_MODELS
 EPOCHS = 2
 
 
-def _fit(name: str, demo_root: Path, folder: Path, **data: object) -> tuple[object, MultiClassMVTecAD, int]:
-    """Two seeded epochs; returns the model, the datamodule and the images the backbone saw while fitting."""
+def _fit(name: str, demo_root: Path, folder: Path, **data: object) -> tuple[object, MultiClassMVTecAD, int, list]:
+    """Two seeded epochs: the model, the datamodule, the images the backbone saw, whether each epoch decoded images."""
     seed_everything(0)
     model = TINY_MODELS[name]()
     for key, value in data.pop("model", {}).items():
         setattr(model, key, value)
     seen = []
     model.model.feature_extractor.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[0]))
+    decoded = []
+
+    class RecordDecoding(Callback):
+        def on_train_epoch_end(self, trainer: object, _module: object) -> None:
+            decoded.append(trainer.train_dataloader.dataset.read_images)
+
     datamodule = MultiClassMVTecAD(
         root=demo_root, train_batch_size=4, eval_batch_size=4, num_workers=0, val_split_ratio=0.25, seed=0, **data
     )
-    engine = Engine(max_epochs=EPOCHS, default_root_dir=folder, logger=False, enable_progress_bar=False)
+    engine = Engine(
+        max_epochs=EPOCHS,
+        default_root_dir=folder,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[RecordDecoding()],
+    )
     engine.fit(model=model, datamodule=datamodule)
-    return model, datamodule, sum(seen)
+    assert datamodule.train_data.read_images  # decoding again after training
+    return model, datamodule, sum(seen), decoded
 
 
 @pytest.mark.parametrize("name", ["hgad", "ms_flow", "uni_ad", "vq_flow"])
 def test_cached_training_gives_the_uncached_weights_and_reads_each_image_once(
     name: str, demo_root: Path, tmp_path: Path
 ) -> None:
-    cached, datamodule, cached_images = _fit(name, demo_root, tmp_path / "cached")
-    uncached, _, uncached_images = _fit(name, demo_root, tmp_path / "uncached", model={"feature_cache": False})
+    cached, datamodule, cached_images, cached_decoding = _fit(name, demo_root, tmp_path / "cached")
+    uncached, _, uncached_images, uncached_decoding = _fit(
+        name, demo_root, tmp_path / "uncached", model={"feature_cache": False}
+    )
+    # With the cache the loader stops decoding the training images (placeholders instead).
+    assert (cached_decoding, uncached_decoding) == ([False] * EPOCHS, [True] * EPOCHS)
 
     train, val = len(datamodule.train_data), len(datamodule.val_data)
     levels = cached.model.pyramid_levels if isinstance(cached, Hgad) else 1
@@ -71,8 +88,11 @@ def test_random_training_augmentation_is_refused_when_the_cache_is_required(demo
 
 
 def test_random_training_augmentation_trains_uncached_by_default(demo_root: Path, tmp_path: Path) -> None:
-    _, datamodule, images = _fit("ms_flow", demo_root, tmp_path, train_augmentations=v2.RandomHorizontalFlip())
+    _, datamodule, images, decoding = _fit(
+        "ms_flow", demo_root, tmp_path, train_augmentations=v2.RandomHorizontalFlip()
+    )
     assert images == EPOCHS * (len(datamodule.train_data) + len(datamodule.val_data))
+    assert decoding == [True] * EPOCHS
 
 
 @pytest.mark.parametrize("memory_bytes", [0, 10**9])

@@ -32,6 +32,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -75,7 +76,7 @@ class FrozenFeatureCache:
         self.bytes_on_disk = 0
         self._in_memory: dict[str, list[torch.Tensor]] = {}
         self._on_disk: dict[str, _DiskEntry] = {}
-        self._file: tempfile._TemporaryFileWrapper | None = None
+        self._file: IO[bytes] | None = None
 
     def __contains__(self, key: str) -> bool:
         return key in self._in_memory or key in self._on_disk
@@ -126,7 +127,7 @@ class FrozenFeatureCache:
 
     def _read(self, entry: _DiskEntry) -> list[torch.Tensor]:
         levels = []
-        descriptor = self._file.fileno()  # type: ignore[union-attr]  # an entry on disk implies the file
+        descriptor = self._file.fileno()  # type: ignore[union-attr]  # an entry on disk means the file is open
         for offset, shape in entry:
             size = 4 * torch.Size(shape).numel()
             data = bytearray(os.pread(descriptor, size, offset))

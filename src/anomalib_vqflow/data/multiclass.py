@@ -211,6 +211,9 @@ class MultiClassDataset(AnomalibDataset):
         has_masks = (samples.mask_path != "").any()
         samples.attrs["task"] = "segmentation" if has_masks else "classification"
         self.samples = samples
+        # A model training on cached features (anomalib_vqflow.models.feature_cache) turns this off:
+        # items then carry a 1 x 1 placeholder image, and the loader no longer decodes every file.
+        self.read_images = True
 
     @property
     def category(self) -> str:
@@ -225,7 +228,7 @@ class MultiClassDataset(AnomalibDataset):
     def __getitem__(self, index: int) -> CategoryImageItem:
         """Load one image (RGB, float in [0, 1]), its mask and its category."""
         sample = self.samples.iloc[index]
-        image = _read(read_image, sample.image_path)
+        image = _read(read_image, sample.image_path) if self.read_images else torch.zeros(3, 1, 1)
         gt_mask = None
         if self.task == "segmentation":
             if sample.mask_path:
