@@ -241,33 +241,30 @@ def anomaly_maps(model: Any, paths: list[str]) -> list[np.ndarray]:
     return maps
 
 
-class CurveCheckpoints:
-    """A Lightning callback (built lazily: Lightning loads in the worker) that writes a checkpoint at given epochs.
+def curve_checkpoints(epochs: list[int], folder: Path) -> tuple[Any, list[tuple[int, float, Path]]]:
+    """A Lightning callback that writes a checkpoint at each of ``epochs`` before the last, and the list it fills.
 
-    Each checkpoint is recorded with the training wall time from the start of ``fit`` to the end
-    of that epoch, so that a later test of it gives one point of the quality-against-time curve.
+    Each entry is ``(epoch, seconds from the start of fit to the end of that epoch, path)``: a
+    later test of the checkpoint gives one point of the quality-against-time curve (the last
+    epoch's point is the run's own test). Built here because Lightning is imported in the worker.
     """
+    from lightning.pytorch import Callback
 
-    @staticmethod
-    def create(epochs: list[int], folder: Path) -> Any:
-        """The callback, and the list it fills with ``(epoch, fit seconds, checkpoint path)``."""
-        from lightning.pytorch import Callback
+    points: list[tuple[int, float, Path]] = []
 
-        points: list[tuple[int, float, Path]] = []
+    class _Checkpoints(Callback):
+        def on_fit_start(self, *_: Any) -> None:
+            self.start = time.perf_counter()
 
-        class _Checkpoints(Callback):
-            def on_fit_start(self, *_: Any) -> None:
-                self.start = time.perf_counter()
+        def on_train_epoch_end(self, trainer: Any, _module: Any) -> None:
+            epoch = trainer.current_epoch + 1
+            if epoch in epochs and epoch < trainer.max_epochs:
+                seconds = time.perf_counter() - self.start
+                path = folder / f"epoch_{epoch}.ckpt"
+                trainer.save_checkpoint(path)
+                points.append((epoch, round(seconds, 1), path))
 
-            def on_train_epoch_end(self, trainer: Any, _module: Any) -> None:
-                epoch = trainer.current_epoch + 1
-                if epoch in epochs:
-                    seconds = time.perf_counter() - self.start
-                    path = folder / f"epoch_{epoch}.ckpt"
-                    trainer.save_checkpoint(path)
-                    points.append((epoch, round(seconds, 1), path))
-
-        return _Checkpoints(), points
+    return _Checkpoints(), points
 
 
 def run_model(settings: RunSettings) -> dict[str, Any]:
@@ -284,7 +281,7 @@ def run_model(settings: RunSettings) -> dict[str, Any]:
     datamodule = MultiClassMVTecAD(root=settings.root, seed=settings.seed, **data)
     label = entry_label(settings.entry)
     folder = settings.runs / f"{label}_seed{settings.seed}"
-    curve_callback, curve_points = CurveCheckpoints.create(settings.curve_epochs, folder / "curve")
+    curve_callback, curve_points = curve_checkpoints(settings.curve_epochs, folder / "curve")
     engine = Engine(
         default_root_dir=folder,
         logger=False,
