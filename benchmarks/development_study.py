@@ -10,9 +10,18 @@ One model is trained per entry (``name:argument=value`` overrides, as in ``unifi
 raw latents on the development test images are then scored in several ways, from the same
 weights, so that the scoring choices compare without retraining:
 
-- ``paper``: the model's own scoring (MSFlow's per-image normalised maps, top-k image score);
-- ``nll top<k>``: the negative log-likelihood summed over scales with *no* per-image
-  normalisation, image score the mean of its top ``k`` share of pixels (``max``: one pixel).
+- ``paper``: MSFlow's scoring (top-k of the per-image normalised multiplicative map as the
+  image score, the additive map as the anomaly map);
+- ``channel-mean nll top<k>``: the negative log-likelihood per scale as the *mean* of
+  ``0.5 z^2`` over channels, summed over scales, no per-image normalisation, image score
+  the mean of its top ``k`` share of pixels;
+- ``nll top<k>``: the same with the *sum* over channels (the Gaussian log-density of the
+  position; ``anomaly_map_mode="nll"``); ``max``: one pixel; ``without finest scale``: the
+  finest scale left out;
+- ``position z`` / ``position shift``: that map standardised per pixel position, ``(nll - mean_p) / std_p``,
+  or only shifted, ``nll - mean_p``, with the statistics of the good *training* images
+  (PaDiM's per-position view on top of the flow); ``prototype position z``: the same per
+  VQ-Flow prototype (positions of a prototype with fewer than 8 training images use all images).
 
 Example::
 
@@ -35,7 +44,12 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from anomalib_vqflow.cli import build_from_config, config_path
-from anomalib_vqflow.components.scoring import joint_log_likelihood, log_likelihood_maps, top_k_mean
+from anomalib_vqflow.components.scoring import (
+    AnomalyMapGenerator,
+    joint_log_likelihood,
+    log_likelihood_maps,
+    top_k_mean,
+)
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, default_demo_root
 from anomalib_vqflow.data.multiclass import MultiClassDataset
 from anomalib_vqflow.evaluation.metrics import auroc
@@ -56,11 +70,12 @@ def development_root(roots: list[Path], generator_seed: int, folder: Path) -> Pa
     return combined_root([demo.root, *halves], None, folder / "development")
 
 
+Record = tuple[str, int, list[torch.Tensor], torch.Tensor, int]
+
+
 @torch.no_grad()
-def latents_and_masks(
-    model: Any, dataset: MultiClassDataset
-) -> list[tuple[str, int, list[torch.Tensor], torch.Tensor]]:
-    """Per test image: category, label, fused latents and the mask at the model's input size."""
+def latents_and_masks(model: Any, dataset: MultiClassDataset) -> list[Record]:
+    """Per image: category, label, fused latents, the mask at the model's input size and the prototype (or 0)."""
     model.eval()
     transform = model.pre_processor.transform
     records = []
@@ -68,29 +83,79 @@ def latents_and_masks(
         item = dataset[index]
         image = transform(item.image.unsqueeze(0))
         encoding = model.model.encode(image)
-        latents = encoding[0] if isinstance(encoding, tuple) else encoding.latents
-        mask = F.interpolate(item.gt_mask[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0] > 0.5
-        records.append((item.category, int(item.gt_label), [latent.float() for latent in latents], mask))
+        latents = encoding[0]
+        prototype = int(encoding.prototypes[0]) if hasattr(encoding, "prototypes") else 0
+        mask = (
+            torch.zeros(image.shape[-2:], dtype=torch.bool)
+            if item.gt_mask is None
+            else F.interpolate(item.gt_mask[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0] > 0.5
+        )
+        records.append((item.category, int(item.gt_label), [latent.float() for latent in latents], mask, prototype))
     return records
 
 
-def scorings(model: Any, latents: list[torch.Tensor], size: tuple[int, int]) -> dict[str, tuple[float, torch.Tensor]]:
+def nll_map(latents: list[torch.Tensor], size: tuple[int, int], channel_mean: bool = False) -> torch.Tensor:
+    """The unnormalised negative log-likelihood map ``(H, W)`` of one image, summed over scales."""
+    return -joint_log_likelihood(log_likelihood_maps(latents, channel_mean=channel_mean), size)[0, 0]
+
+
+def _moments(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    stacked = torch.stack(maps).double()
+    return stacked.mean(dim=0).float(), stacked.std(dim=0).clamp_min(1e-3).float()
+
+
+MIN_PROTOTYPE_IMAGES = 8
+
+
+def position_statistics(records: list[Record]) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-position mean and std of the nll map over good images: key ``None`` for all, else per prototype."""
+    maps: dict[Any, list[torch.Tensor]] = {None: []}
+    for _, _, latents, mask, prototype in records:
+        nll = nll_map(latents, tuple(mask.shape))
+        maps[None].append(nll)
+        maps.setdefault(prototype, []).append(nll)
+    return {key: _moments(values) for key, values in maps.items() if key is None or len(values) >= MIN_PROTOTYPE_IMAGES}
+
+
+def scorings(
+    top_k: float,
+    latents: list[torch.Tensor],
+    size: tuple[int, int],
+    prototype: int,
+    statistics: dict[Any, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[float, torch.Tensor]]:
     """Every scoring variant of one image: name -> (image score, anomaly map ``(H, W)``)."""
-    generator = model.model.anomaly_map_generator
-    paper_score, paper_map = generator(latents, size)
+    paper_score, paper_map = AnomalyMapGenerator(top_k=top_k, mode="add")(latents, size)
     results = {"paper": (float(paper_score[0]), paper_map[0, 0])}
-    nll = -joint_log_likelihood(log_likelihood_maps(latents), size)
+    channel_mean = nll_map(latents, size, channel_mean=True)
+    results["channel-mean nll top3%"] = (float(top_k_mean(channel_mean[None, None], 0.03)[0]), channel_mean)
+    nll = nll_map(latents, size)
     for name, share in IMAGE_SCORE_SHARES.items():
-        score = nll.amax() if share == 0.0 else top_k_mean(nll, share)[0]
-        results[f"nll {name}"] = (float(score), nll[0, 0])
+        score = nll.amax() if share == 0.0 else top_k_mean(nll[None, None], share)[0]
+        results[f"nll {name}"] = (float(score), nll)
+    coarse = nll_map(latents[1:], size)
+    results["nll without finest scale top3%"] = (float(top_k_mean(coarse[None, None], 0.03)[0]), coarse)
+    variants = {}
+    if statistics:
+        mean, std = statistics[None]
+        variants = {"position z": (nll - mean) / std, "position shift": nll - mean}
+        if len(statistics) > 2:
+            own_mean, own_std = statistics.get(prototype, statistics[None])
+            variants["prototype position z"] = (nll - own_mean) / own_std
+    for name, anomaly_map in variants.items():
+        results[f"{name} top3%"] = (float(top_k_mean(anomaly_map[None, None], 0.03)[0]), anomaly_map)
     return results
 
 
-def evaluate(model: Any, records: list[tuple[str, int, list[torch.Tensor], torch.Tensor]]) -> dict[str, Any]:
-    """Per category and variant: image and pixel AUROC."""
+def evaluate(top_k: float, records: list[Record], statistics: dict[Any, Any] | None = None) -> dict[str, Any]:
+    """Per category and variant: image and pixel AUROC (``statistics``: :func:`position_statistics`).
+
+    ``top_k``: the model's share of pixels for MSFlow's image score.
+    """
     per_category: dict[str, dict[str, dict[str, list]]] = {}
-    for category, label, latents, mask in records:
-        for name, (score, anomaly_map) in scorings(model, latents, tuple(mask.shape)).items():
+    for category, label, latents, mask, prototype in records:
+        variants = scorings(top_k, latents, tuple(mask.shape), prototype, statistics or {})
+        for name, (score, anomaly_map) in variants.items():
             entry = per_category.setdefault(name, {}).setdefault(category, {"s": [], "l": [], "m": [], "g": []})
             entry["s"].append(score)
             entry["l"].append(label)
@@ -119,16 +184,26 @@ def scoring_callback(datamodule: MultiClassMVTecAD, epochs: list[int], tables: d
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
             epoch = trainer.current_epoch + 1
             if epoch in epochs and epoch < trainer.max_epochs:
-                tables[epoch] = evaluate(module, latents_and_masks(module, datamodule.test_data))
+                top_k = module.model.anomaly_map_generator.top_k
+                tables[epoch] = evaluate(top_k, latents_and_masks(module, datamodule.test_data))
                 module.train()
 
     return _Score()
 
 
 def run(
-    entry: str, root: Path, max_epochs: int | None, seed: int, folder: Path, eval_epochs: list[int]
+    entry: str,
+    root: Path,
+    max_epochs: int | None,
+    seed: int,
+    folder: Path,
+    eval_epochs: list[int],
+    records_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Train one entry on the development training images and score its development test images."""
+    """Train one entry on the development training images and score its development test images.
+
+    ``records_file``: where to save the last weights' training and test records (:func:`latents_and_masks`).
+    """
     key, overrides = parse_model_entry(entry)
     seed_everything(seed)
     model, data, trainer_settings = build_from_config(
@@ -155,12 +230,37 @@ def run(
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    tables[trainer_settings["max_epochs"]] = evaluate(model, latents_and_masks(model, datamodule.test_data))
+    train_records = latents_and_masks(model, datamodule.train_data)
+    test_records = latents_and_masks(model, datamodule.test_data)
+    if records_file is not None:
+        top_k = model.model.anomaly_map_generator.top_k
+        torch.save({"top_k": top_k, "train": train_records, "test": test_records}, records_file)
+    statistics = position_statistics(train_records)
+    tables[trainer_settings["max_epochs"]] = evaluate(model.model.anomaly_map_generator.top_k, test_records, statistics)
     return {"entry": entry, "fit_seconds": round(fit_seconds, 1), "tables": tables}
 
 
+def print_tables(entry: str, result: dict[str, Any]) -> None:
+    """One markdown table of image / pixel AUROC per scored epoch."""
+    print(f"\n{entry}: fit {result.get('fit_seconds')} s; image / pixel AUROC (%)")
+    for epoch, table in sorted(result["tables"].items()):
+        categories = [c for c in next(iter(table.values())) if c != "mean"]
+        print(f"\nepoch {epoch}\n\n| scoring | " + " | ".join([*categories, "mean"]) + " |")
+        print("|:---|" + "---:|" * (len(categories) + 1))
+        for name, rows in table.items():
+            cells = [f"{100 * rows[c]['image_AUROC']:.1f} / {100 * rows[c]['pixel_AUROC']:.1f}" for c in rows]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def rescore(records_file: Path) -> dict[str, Any]:
+    """Score the records a ``--records`` run saved (the last weights) without training again."""
+    saved = torch.load(records_file, weights_only=False)
+    statistics = position_statistics(saved["train"])
+    return {"entry": str(records_file), "tables": {"last": evaluate(saved["top_k"], saved["test"], statistics)}}
+
+
 def main() -> int:
-    """Run every entry and print one table per entry."""
+    """Run every entry (or rescore saved records) and print one table per entry."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--roots", type=Path, nargs="*", default=[], help="MVTec-layout folders of real categories")
     parser.add_argument("--models", nargs="+", default=["VqFlow", "MsFlow"])
@@ -169,22 +269,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=9826)
     parser.add_argument("--generator-seed", type=int, default=1, help="seed of the development demo images")
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the results")
+    parser.add_argument("--records", type=Path, default=None, help="save the last records here (one entry)")
+    parser.add_argument("--rescore", type=Path, nargs="*", default=[], help="score saved records, train nothing")
     args = parser.parse_args()
 
-    results = []
-    with tempfile.TemporaryDirectory() as folder:
-        root = development_root(args.roots, args.generator_seed, Path(folder))
-        for entry in args.models:
-            result = run(entry, root, args.max_epochs, args.seed, Path(folder) / "runs", args.eval_epochs)
-            results.append(result)
-            print(f"\n{entry}: fit {result['fit_seconds']} s; image / pixel AUROC (%)")
-            for epoch, table in sorted(result["tables"].items()):
-                categories = [c for c in next(iter(table.values())) if c != "mean"]
-                print(f"\nepoch {epoch}\n\n| scoring | " + " | ".join([*categories, "mean"]) + " |")
-                print("|:---|" + "---:|" * (len(categories) + 1))
-                for name, rows in table.items():
-                    cells = [f"{100 * rows[c]['image_AUROC']:.1f} / {100 * rows[c]['pixel_AUROC']:.1f}" for c in rows]
-                    print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    results = [rescore(records_file) for records_file in args.rescore]
+    if not args.rescore:
+        with tempfile.TemporaryDirectory() as folder:
+            root = development_root(args.roots, args.generator_seed, Path(folder))
+            for entry in args.models:
+                runs = Path(folder) / "runs"
+                results.append(run(entry, root, args.max_epochs, args.seed, runs, args.eval_epochs, args.records))
+    for result in results:
+        print_tables(result["entry"], result)
     if args.output:
         args.output.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2) + "\n")
     return 0

@@ -74,7 +74,7 @@ def test_image_score_ranks_as_the_paper_score_without_saturating() -> None:
 
 
 def test_nll_mode_keeps_likelihoods_comparable_across_images() -> None:
-    # Two images, one scale of 1 x 2 pixels: z^2 means 0, 2 (image 0) and 20, 22 (image 1).
+    # Two images, one scale of 1 x 2 pixels, one channel: z^2 is 0, 2 (image 0) and 20, 22 (image 1).
     latents = [torch.tensor([[[[0.0, math.sqrt(2.0)]]], [[[math.sqrt(20.0), math.sqrt(22.0)]]]])]
     score, anomaly_map = AnomalyMapGenerator(top_k=0.5, mode="nll")(latents, (1, 2))
     torch.testing.assert_close(anomaly_map, torch.tensor([[[[0.0, 1.0]]], [[[10.0, 11.0]]]]))
@@ -82,3 +82,15 @@ def test_nll_mode_keeps_likelihoods_comparable_across_images() -> None:
     # Per image, the paper's maps give both images the same map.
     _, additive = AnomalyMapGenerator(top_k=0.5, mode="add")(latents, (1, 2))
     torch.testing.assert_close(additive[0], additive[1])
+
+
+def test_nll_mode_is_the_gaussian_negative_log_density_of_every_position() -> None:
+    generator = torch.Generator().manual_seed(5)
+    latents = [torch.randn(2, 24, 4, 4, generator=generator), torch.randn(2, 112, 2, 2, generator=generator)]
+    _, anomaly_map = AnomalyMapGenerator(mode="nll")(latents, (4, 4))
+    normal = torch.distributions.Normal(0.0, 1.0)
+    fine = normal.log_prob(latents[0]).sum(dim=1, keepdim=True) + 12 * math.log(2 * math.pi)
+    coarse = normal.log_prob(latents[1]).sum(dim=1, keepdim=True) + 56 * math.log(2 * math.pi)
+    upsampled = torch.nn.functional.interpolate(coarse, size=(4, 4), mode="bilinear", align_corners=True)
+    # Channels are summed, not averaged: the coarse scale's 112 channels weigh 112/24 times the fine scale's 24.
+    torch.testing.assert_close(anomaly_map, -(fine + upsampled))
