@@ -16,8 +16,10 @@ weights, so that the scoring choices compare without retraining:
   ``0.5 z^2`` over channels, summed over scales, no per-image normalisation, image score
   the mean of its top ``k`` share of pixels;
 - ``nll top<k>``: the same with the *sum* over channels (the Gaussian log-density of the
-  position; ``anomaly_map_mode="nll"``); ``max``: one pixel; ``without finest scale``: the
+  position; ``anomaly_map_mode="nll"``'s image score); ``max``: one pixel; ``without finest scale``: the
   finest scale left out;
+- ``nll standardised per scale``: per scale ``(sum_c z^2 - C) / sqrt(2 C)``, summed over
+  scales (``anomaly_map_mode="nll"``'s anomaly map; its image score is ``nll top3%``);
 - ``position z`` / ``position shift``: that map standardised per pixel position, ``(nll - mean_p) / std_p``,
   or only shifted, ``nll - mean_p``, with the statistics of the good *training* images
   (PaDiM's per-position view on top of the flow); ``prototype position z``: the same per
@@ -48,11 +50,12 @@ from anomalib_vqflow.components.scoring import (
     AnomalyMapGenerator,
     joint_log_likelihood,
     log_likelihood_maps,
+    standardised_scale_maps,
     top_k_mean,
 )
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, default_demo_root
 from anomalib_vqflow.data.multiclass import MultiClassDataset
-from anomalib_vqflow.evaluation.metrics import auroc
+from anomalib_vqflow.evaluation.metrics import aupro, auroc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from unified import PLUGIN_MODELS, combined_root, halved_root, parse_model_entry
@@ -135,6 +138,8 @@ def scorings(
         results[f"nll {name}"] = (float(score), nll)
     coarse = nll_map(latents[1:], size)
     results["nll without finest scale top3%"] = (float(top_k_mean(coarse[None, None], 0.03)[0]), coarse)
+    standardised = joint_log_likelihood(standardised_scale_maps(latents), size)[0, 0]
+    results["nll standardised per scale top3%"] = (float(top_k_mean(standardised[None, None], 0.03)[0]), standardised)
     variants = {}
     if statistics:
         mean, std = statistics[None]
@@ -159,15 +164,16 @@ def evaluate(top_k: float, records: list[Record], statistics: dict[Any, Any] | N
             entry = per_category.setdefault(name, {}).setdefault(category, {"s": [], "l": [], "m": [], "g": []})
             entry["s"].append(score)
             entry["l"].append(label)
-            entry["m"].append(anomaly_map.flatten())
-            entry["g"].append(mask.flatten())
+            entry["m"].append(anomaly_map)
+            entry["g"].append(mask)
     table: dict[str, Any] = {}
     for name, categories in per_category.items():
         rows = {}
         for category, entry in categories.items():
             rows[category] = {
                 "image_AUROC": auroc(entry["s"], entry["l"]),
-                "pixel_AUROC": auroc(torch.cat(entry["m"]).numpy(), torch.cat(entry["g"]).numpy()),
+                "pixel_AUROC": auroc(torch.stack(entry["m"]).numpy(), torch.stack(entry["g"]).numpy()),
+                "AUPRO": aupro(torch.stack(entry["m"]).numpy(), torch.stack(entry["g"]).numpy()),
             }
         rows["mean"] = {
             metric: sum(r[metric] for r in rows.values()) / len(rows) for metric in next(iter(rows.values()))
@@ -242,13 +248,13 @@ def run(
 
 def print_tables(entry: str, result: dict[str, Any]) -> None:
     """One markdown table of image / pixel AUROC per scored epoch."""
-    print(f"\n{entry}: fit {result.get('fit_seconds')} s; image / pixel AUROC (%)")
+    print(f"\n{entry}: fit {result.get('fit_seconds')} s; image AUROC / pixel AUROC / AUPRO (%)")
     for epoch, table in sorted(result["tables"].items()):
         categories = [c for c in next(iter(table.values())) if c != "mean"]
         print(f"\nepoch {epoch}\n\n| scoring | " + " | ".join([*categories, "mean"]) + " |")
         print("|:---|" + "---:|" * (len(categories) + 1))
         for name, rows in table.items():
-            cells = [f"{100 * rows[c]['image_AUROC']:.1f} / {100 * rows[c]['pixel_AUROC']:.1f}" for c in rows]
+            cells = [" / ".join(f"{100 * value:.1f}" for value in rows[c].values()) for c in rows]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -77,20 +77,31 @@ def test_nll_mode_keeps_likelihoods_comparable_across_images() -> None:
     # Two images, one scale of 1 x 2 pixels, one channel: z^2 is 0, 2 (image 0) and 20, 22 (image 1).
     latents = [torch.tensor([[[[0.0, math.sqrt(2.0)]]], [[[math.sqrt(20.0), math.sqrt(22.0)]]]])]
     score, anomaly_map = AnomalyMapGenerator(top_k=0.5, mode="nll")(latents, (1, 2))
-    torch.testing.assert_close(anomaly_map, torch.tensor([[[[0.0, 1.0]]], [[[10.0, 11.0]]]]))
-    torch.testing.assert_close(score, torch.tensor([1.0, 11.0]))  # top half: the worst pixel
+    torch.testing.assert_close(score, torch.tensor([1.0, 11.0]))  # top half: the worst pixel's 0.5 z^2
+    # The map: (z^2 - C) / sqrt(2 C) with C = 1.
+    expected = (torch.tensor([[[[0.0, 2.0]]], [[[20.0, 22.0]]]]) - 1.0) / math.sqrt(2.0)
+    torch.testing.assert_close(anomaly_map, expected)
     # Per image, the paper's maps give both images the same map.
     _, additive = AnomalyMapGenerator(top_k=0.5, mode="add")(latents, (1, 2))
     torch.testing.assert_close(additive[0], additive[1])
 
 
-def test_nll_mode_is_the_gaussian_negative_log_density_of_every_position() -> None:
+def test_nll_mode_scores_the_gaussian_negative_log_density_and_maps_standardised_scales() -> None:
     generator = torch.Generator().manual_seed(5)
     latents = [torch.randn(2, 24, 4, 4, generator=generator), torch.randn(2, 112, 2, 2, generator=generator)]
-    _, anomaly_map = AnomalyMapGenerator(mode="nll")(latents, (4, 4))
+    score, anomaly_map = AnomalyMapGenerator(top_k=1.0, mode="nll")(latents, (4, 4))
+
+    def upsampled(scale_map: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(scale_map, size=(4, 4), mode="bilinear", align_corners=True)
+
     normal = torch.distributions.Normal(0.0, 1.0)
-    fine = normal.log_prob(latents[0]).sum(dim=1, keepdim=True) + 12 * math.log(2 * math.pi)
-    coarse = normal.log_prob(latents[1]).sum(dim=1, keepdim=True) + 56 * math.log(2 * math.pi)
-    upsampled = torch.nn.functional.interpolate(coarse, size=(4, 4), mode="bilinear", align_corners=True)
+    fine = -normal.log_prob(latents[0]).sum(dim=1, keepdim=True) - 12 * math.log(2 * math.pi)
+    coarse = -normal.log_prob(latents[1]).sum(dim=1, keepdim=True) - 56 * math.log(2 * math.pi)
     # Channels are summed, not averaged: the coarse scale's 112 channels weigh 112/24 times the fine scale's 24.
-    torch.testing.assert_close(anomaly_map, -(fine + upsampled))
+    torch.testing.assert_close(score, (fine + upsampled(coarse)).mean(dim=(1, 2, 3)))
+    # Where the flow fits, each standardised scale has mean 0 and spread 1 (a chi-square's z-score).
+    standardised = [(2 * fine - 24) / math.sqrt(48), (2 * coarse - 112) / math.sqrt(224)]
+    torch.testing.assert_close(anomaly_map, standardised[0] + upsampled(standardised[1]))
+    many = AnomalyMapGenerator(mode="nll")([torch.randn(64, 24, 16, 16, generator=generator)], (16, 16))[1]
+    assert abs(float(many.mean())) < 0.02
+    assert abs(float(many.std()) - 1.0) < 0.02
