@@ -37,6 +37,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,24 +77,29 @@ def development_root(roots: list[Path], generator_seed: int, folder: Path) -> Pa
 Record = tuple[str, int, list[torch.Tensor], torch.Tensor, int]
 
 
-@torch.no_grad()
-def latents_and_masks(model: Any, dataset: MultiClassDataset) -> list[Record]:
-    """Per image: category, label, fused latents, the mask at the model's input size and the prototype (or 0)."""
-    model.eval()
+def preprocessed_items(model: Any, dataset: MultiClassDataset) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+    """Every item of ``dataset`` with its pre-processed image ``(1, 3, H, W)`` and its mask at that size."""
     transform = model.pre_processor.transform
-    records = []
     for index in range(len(dataset)):
         item = dataset[index]
         image = transform(item.image.unsqueeze(0))
-        encoding = model.model.encode(image)
-        latents = encoding[0]
-        prototype = int(encoding.prototypes[0]) if hasattr(encoding, "prototypes") else 0
         mask = (
             torch.zeros(image.shape[-2:], dtype=torch.bool)
             if item.gt_mask is None
             else F.interpolate(item.gt_mask[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0] > 0.5
         )
-        records.append((item.category, int(item.gt_label), [latent.float() for latent in latents], mask, prototype))
+        yield item, image, mask
+
+
+@torch.no_grad()
+def latents_and_masks(model: Any, dataset: MultiClassDataset) -> list[Record]:
+    """Per image: category, label, fused latents, the mask at the model's input size and the prototype (or 0)."""
+    model.eval()
+    records = []
+    for item, image, mask in preprocessed_items(model, dataset):
+        encoding = model.model.encode(image)
+        prototype = int(encoding.prototypes[0]) if hasattr(encoding, "prototypes") else 0
+        records.append((item.category, int(item.gt_label), [latent.float() for latent in encoding[0]], mask, prototype))
     return records
 
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
@@ -46,7 +45,7 @@ from anomalib_vqflow.data.multiclass import MultiClassDataset
 from anomalib_vqflow.evaluation.metrics import auroc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from development_study import development_root
+from development_study import development_root, preprocessed_items
 from unified import PLUGIN_MODELS, parse_model_entry
 
 Record = tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -57,17 +56,9 @@ _EPSILON = 1e-6
 def reconstructions(model: Any, dataset: MultiClassDataset) -> list[Record]:
     """Per image: category, label, reconstruction and target ``(1, C, h, w)``, mask at the input size."""
     model.eval()
-    transform = model.pre_processor.transform
     records = []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        image = transform(item.image.unsqueeze(0))
+    for item, image, mask in preprocessed_items(model, dataset):
         target = model.model.features(image)
-        mask = (
-            torch.zeros(image.shape[-2:], dtype=torch.bool)
-            if item.gt_mask is None
-            else F.interpolate(item.gt_mask[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0] > 0.5
-        )
         records.append((item.category, int(item.gt_label), model.model.reconstruct(target), target, mask))
     return records
 
