@@ -276,6 +276,9 @@ def run_model(settings: RunSettings) -> dict[str, Any]:
 
     sys.path.insert(0, str(Path(__file__).parent))
     warnings.filterwarnings("ignore")
+    # A spawned process makes spawn its default, and the data loaders would then start every
+    # worker of every epoch as a fresh interpreter (seconds each): fork, as `anomalib train` does.
+    multiprocessing.set_start_method("fork", force=True)
     seed_everything(settings.seed, workers=True)
     model, data, trainer_settings, record = build_model(settings)
     datamodule = MultiClassMVTecAD(root=settings.root, seed=settings.seed, **data)
