@@ -66,7 +66,7 @@ def reconstructions(model: Any, dataset: MultiClassDataset) -> list[Record]:
 def channel_spread(records: list[Record]) -> torch.Tensor:
     """Standard deviation of every feature channel over all positions of the good training images, ``(1, C, 1, 1)``."""
     targets = torch.cat([target.flatten(start_dim=2) for _, _, _, target, _ in records], dim=2)
-    return targets.std(dim=2).clamp_min(_EPSILON)[..., None]
+    return targets.std(dim=2).clamp_min(_EPSILON)[..., None, None]
 
 
 def _unit(features: torch.Tensor) -> torch.Tensor:

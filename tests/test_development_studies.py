@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 from development_study import nll_map, position_statistics
-from uniad_study import scorings, spearman
+from uniad_study import channel_spread, scorings, spearman
 
 from anomalib_vqflow.models.uniad.anomaly_map import UniAdAnomalyMapGenerator
 
@@ -34,6 +34,16 @@ def test_uniad_variants_separate_error_from_feature_size() -> None:
     torch.testing.assert_close(results["relative error"][1], torch.ones(2, 2))
     torch.testing.assert_close(results["direction error"][1], torch.zeros(2, 2), atol=1e-6, rtol=0)
     assert math.isclose(results["error"][0], float(norm.max()), rel_tol=1e-6)
+
+
+def test_channel_spread_is_each_channels_deviation_over_all_positions_and_images() -> None:
+    # Channel 0 holds 0, 2 over both images' positions; channel 1 is constant (floored, not 0).
+    first = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])
+    second = torch.tensor([[[[2.0, 0.0]], [[1.0, 1.0]]]])
+    records = [("tile", 0, features, features, torch.zeros(1, 2, dtype=torch.bool)) for features in (first, second)]
+    spread = channel_spread(records)
+    assert spread.shape == (1, 2, 1, 1)  # broadcasts against (1, C, h, w) features
+    torch.testing.assert_close(spread.flatten(), torch.tensor([math.sqrt(4 / 3), 1e-6]))
 
 
 def test_position_statistics_per_pixel_and_per_prototype() -> None:
