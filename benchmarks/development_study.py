@@ -51,6 +51,7 @@ from anomalib_vqflow.components.scoring import (
     AnomalyMapGenerator,
     joint_log_likelihood,
     log_likelihood_maps,
+    negative_log_likelihood_maps,
     standardised_scale_maps,
     top_k_mean,
 )
@@ -144,7 +145,8 @@ def scorings(
         results[f"nll {name}"] = (float(score), nll)
     coarse = nll_map(latents[1:], size)
     results["nll without finest scale top3%"] = (float(top_k_mean(coarse[None, None], 0.03)[0]), coarse)
-    standardised = joint_log_likelihood(standardised_scale_maps(latents), size)[0, 0]
+    scale_maps = standardised_scale_maps(negative_log_likelihood_maps(latents), [z.shape[1] for z in latents])
+    standardised = joint_log_likelihood(scale_maps, size)[0, 0]
     results["nll standardised per scale top3%"] = (float(top_k_mean(standardised[None, None], 0.03)[0]), standardised)
     variants = {}
     if statistics:

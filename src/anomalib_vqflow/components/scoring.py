@@ -89,11 +89,16 @@ def negative_log_likelihood_maps(latents: Sequence[torch.Tensor]) -> list[torch.
     return [-log_likelihood for log_likelihood in log_likelihood_maps(latents, channel_mean=False)]
 
 
-def standardised_scale_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-pixel ``(sum_c(z^2) - C) / sqrt(2 C)`` of each latent: 0 mean and unit spread where the flow fits."""
+def standardised_scale_maps(
+    negative_log_likelihoods: Sequence[torch.Tensor], channels: Sequence[int]
+) -> list[torch.Tensor]:
+    """Per-pixel ``(sum_c(z^2) - C) / sqrt(2 C)`` from each scale's ``0.5 * sum_c(z^2)`` and ``C``.
+
+    0 mean and unit spread where the flow fits (the z-score of a chi-square variable).
+    """
     return [
-        (2.0 * nll - latent.shape[1]) / math.sqrt(2.0 * latent.shape[1])
-        for latent, nll in zip(latents, negative_log_likelihood_maps(latents), strict=True)
+        (2.0 * nll - count) / math.sqrt(2.0 * count)
+        for nll, count in zip(negative_log_likelihoods, channels, strict=True)
     ]
 
 
@@ -169,8 +174,9 @@ class AnomalyMapGenerator(nn.Module):
     def forward(self, latents: Sequence[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(pred_score (N,), anomaly_map (N, 1, H, W))`` at image size ``size``."""
         if self.mode == AnomalyMapMode.NLL:
-            nll = _upsampled_sum(negative_log_likelihood_maps(latents), size)
-            return top_k_mean(nll, self.top_k), _upsampled_sum(standardised_scale_maps(latents), size)
+            scale_maps = negative_log_likelihood_maps(latents)
+            standardised = standardised_scale_maps(scale_maps, [latent.shape[1] for latent in latents])
+            return top_k_mean(_upsampled_sum(scale_maps, size), self.top_k), _upsampled_sum(standardised, size)
         log_likelihoods = log_likelihood_maps(latents)
         joint = joint_log_likelihood(log_likelihoods, size)
         pred_score = multiplicative_image_score(joint, self.top_k)
