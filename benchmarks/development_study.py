@@ -19,11 +19,20 @@ weights, so that the scoring choices compare without retraining:
   position; ``anomaly_map_mode="nll"``'s image score); ``max``: one pixel; ``without finest scale``: the
   finest scale left out;
 - ``nll standardised per scale``: per scale ``(sum_c z^2 - C) / sqrt(2 C)``, summed over
-  scales (``anomaly_map_mode="nll"``'s anomaly map; its image score is ``nll top3%``);
+  scales (``anomaly_map_mode="nll"``'s anomaly map before the cells were centred; its image
+  score is ``nll top3%``);
+- ``nll, cells centred``: ``anomaly_map_mode="nll"`` as the models score now: the sum's top 3%
+  and the standardised map, every scale upsampled with its cells where they are in the image
+  (:func:`~anomalib_vqflow.components.scoring.cell_centred_upsample`; the rows above upsample
+  with MSFlow's ``align_corners=True``);
 - ``position z`` / ``position shift``: that map standardised per pixel position, ``(nll - mean_p) / std_p``,
   or only shifted, ``nll - mean_p``, with the statistics of the good *training* images
   (PaDiM's per-position view on top of the flow); ``prototype position z``: the same per
   VQ-Flow prototype (positions of a prototype with fewer than 8 training images use all images).
+
+HGAD (``--models Hgad``) is scored by :func:`hgad_terms` instead: its own score and its two
+factors (likelihood under the image's component, entropy over components) apart.
+``--rescore FILES --variants NAMES`` measures only the named variants of saved records.
 
 Example::
 
@@ -37,7 +46,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +67,8 @@ from anomalib_vqflow.components.scoring import (
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, default_demo_root
 from anomalib_vqflow.data.multiclass import MultiClassDataset
 from anomalib_vqflow.evaluation.metrics import aupro, auroc
+from anomalib_vqflow.models import Hgad
+from anomalib_vqflow.models.hgad.anomaly_map import anomaly_from_normality
 
 sys.path.insert(0, str(Path(__file__).parent))
 from unified import PLUGIN_MODELS, combined_root, halved_root, parse_model_entry
@@ -148,6 +159,8 @@ def scorings(
     scale_maps = standardised_scale_maps(negative_log_likelihood_maps(latents), [z.shape[1] for z in latents])
     standardised = joint_log_likelihood(scale_maps, size)[0, 0]
     results["nll standardised per scale top3%"] = (float(top_k_mean(standardised[None, None], 0.03)[0]), standardised)
+    centred_score, centred_map = AnomalyMapGenerator(top_k=0.03, mode="nll")(latents, size)
+    results["nll, cells centred (anomaly_map_mode=nll)"] = (float(centred_score[0]), centred_map[0, 0])
     variants = {}
     if statistics:
         mean, std = statistics[None]
@@ -160,15 +173,20 @@ def scorings(
     return results
 
 
-def evaluate(top_k: float, records: list[Record], statistics: dict[Any, Any] | None = None) -> dict[str, Any]:
-    """Per category and variant: image and pixel AUROC (``statistics``: :func:`position_statistics`).
+ScoredImage = tuple[str, int, torch.Tensor, dict[str, tuple[float, torch.Tensor]]]
 
-    ``top_k``: the model's share of pixels for MSFlow's image score.
+
+def metrics_table(images: Iterable[ScoredImage], only: list[str] | None = None) -> dict[str, Any]:
+    """Per variant and category, and their mean: image AUROC, pixel AUROC and AUPRO.
+
+    ``images``: per test image its category, label, mask and ``{variant: (image score, anomaly map)}``;
+    ``only``: the variants to measure (default: all).
     """
     per_category: dict[str, dict[str, dict[str, list]]] = {}
-    for category, label, latents, mask, prototype in records:
-        variants = scorings(top_k, latents, tuple(mask.shape), prototype, statistics or {})
+    for category, label, mask, variants in images:
         for name, (score, anomaly_map) in variants.items():
+            if only is not None and name not in only:
+                continue
             entry = per_category.setdefault(name, {}).setdefault(category, {"s": [], "l": [], "m": [], "g": []})
             entry["s"].append(score)
             entry["l"].append(label)
@@ -190,6 +208,58 @@ def evaluate(top_k: float, records: list[Record], statistics: dict[Any, Any] | N
     return table
 
 
+def evaluate(
+    top_k: float, records: list[Record], statistics: dict[Any, Any] | None = None, only: list[str] | None = None
+) -> dict[str, Any]:
+    """:func:`metrics_table` of the flow scoring variants (``statistics``: :func:`position_statistics`).
+
+    ``top_k``: the model's share of pixels for MSFlow's image score.
+    """
+    return metrics_table(
+        (
+            (category, label, mask, scorings(top_k, latents, tuple(mask.shape), prototype, statistics or {}))
+            for category, label, latents, mask, prototype in records
+        ),
+        only,
+    )
+
+
+@torch.no_grad()
+def hgad_terms(model: Any, dataset: MultiClassDataset) -> Iterator[ScoredImage]:
+    """HGAD's score and its two factors apart, per test image, from the same weights.
+
+    ``paper``: the model's own score (likelihood map times entropy map, smoothed, maximum);
+    ``likelihood term only`` / ``entropy term only``: one factor, smoothed, its maximum; ``nll top3%``:
+    the negative log-likelihood under the image's component, summed over the levels without
+    the references' saturation, the top 3% of its pixels.
+    """
+    model.eval()
+    generator = model.model.anomaly_map_generator
+    for item, image, mask in preprocessed_items(model, dataset):
+        size = tuple(mask.shape)
+        log_likelihoods, negative_entropies = model.model.score_maps(model.model.encode(image))
+        score, anomaly_map = generator(log_likelihoods, negative_entropies, size)
+        variants = {"paper: likelihood x entropy": (float(score[0]), anomaly_map[0, 0])}
+        factors = {
+            "likelihood term only": (log_likelihoods, generator.reference_log_likelihood),
+            "entropy term only": (negative_entropies, generator.reference_negative_entropy),
+        }
+        for name, (maps, references) in factors.items():
+            factor = generator.blur(anomaly_from_normality(maps, references, generator.map_size))
+            factor = F.interpolate(factor, size=size, mode="bilinear", align_corners=False)[0, 0]
+            variants[name] = (float(factor.amax()), factor)
+        nll = -joint_log_likelihood([level * model.model.channels for level in log_likelihoods], size)
+        variants["nll top3%"] = (float(top_k_mean(nll, 0.03)[0]), nll[0, 0])
+        yield item.category, int(item.gt_label), mask, variants
+
+
+def score_test_images(model: Any, dataset: MultiClassDataset) -> dict[str, Any]:
+    """The development table of a flow model (:func:`evaluate`) or of HGAD (:func:`hgad_terms`)."""
+    if isinstance(model, Hgad):
+        return metrics_table(hgad_terms(model, dataset))
+    return evaluate(model.model.anomaly_map_generator.top_k, latents_and_masks(model, dataset))
+
+
 def scoring_callback(datamodule: MultiClassMVTecAD, epochs: list[int], tables: dict[int, Any]) -> Any:
     """A callback that scores the development test images at the end of each of ``epochs`` (into ``tables``)."""
     from lightning.pytorch import Callback
@@ -198,8 +268,7 @@ def scoring_callback(datamodule: MultiClassMVTecAD, epochs: list[int], tables: d
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
             epoch = trainer.current_epoch + 1
             if epoch in epochs and epoch < trainer.max_epochs:
-                top_k = module.model.anomaly_map_generator.top_k
-                tables[epoch] = evaluate(top_k, latents_and_masks(module, datamodule.test_data))
+                tables[epoch] = score_test_images(module, datamodule.test_data)
                 module.train()
 
     return _Score()
@@ -244,6 +313,9 @@ def run(
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
+    if isinstance(model, Hgad):
+        tables[trainer_settings["max_epochs"]] = score_test_images(model, datamodule.test_data)
+        return {"entry": entry, "fit_seconds": round(fit_seconds, 1), "tables": tables}
     train_records = latents_and_masks(model, datamodule.train_data)
     test_records = latents_and_masks(model, datamodule.test_data)
     if records_file is not None:
@@ -266,11 +338,19 @@ def print_tables(entry: str, result: dict[str, Any]) -> None:
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def rescore(records_file: Path) -> dict[str, Any]:
-    """Score the records a ``--records`` run saved (the last weights) without training again."""
+POSITION_VARIANTS = ("position z top3%", "position shift top3%", "prototype position z top3%")
+
+
+def rescore(records_file: Path, only: list[str] | None = None) -> dict[str, Any]:
+    """Score the records a ``--records`` run saved (the last weights) without training again.
+
+    ``only``: the variants to measure (default: all); the per-position statistics are fitted only for theirs.
+    """
     saved = torch.load(records_file, weights_only=False)
-    statistics = position_statistics(saved["train"])
-    return {"entry": str(records_file), "tables": {"last": evaluate(saved["top_k"], saved["test"], statistics)}}
+    needs_statistics = only is None or any(name in POSITION_VARIANTS for name in only)
+    statistics = position_statistics(saved["train"]) if needs_statistics else None
+    table = evaluate(saved["top_k"], saved["test"], statistics, only)
+    return {"entry": str(records_file), "tables": {"last": table}}
 
 
 def main() -> int:
@@ -285,9 +365,10 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the results")
     parser.add_argument("--records", type=Path, default=None, help="save the last records here (one entry)")
     parser.add_argument("--rescore", type=Path, nargs="*", default=[], help="score saved records, train nothing")
+    parser.add_argument("--variants", nargs="*", default=None, help="with --rescore: measure only these variants")
     args = parser.parse_args()
 
-    results = [rescore(records_file) for records_file in args.rescore]
+    results = [rescore(records_file, args.variants) for records_file in args.rescore]
     if not args.rescore:
         with tempfile.TemporaryDirectory() as folder:
             root = development_root(args.roots, args.generator_seed, Path(folder))

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
@@ -61,3 +62,46 @@ def test_position_statistics_per_pixel_and_per_prototype() -> None:
     torch.testing.assert_close(own_mean, torch.tensor([[1.0, 1.0]]))
     # Values 0 and 2, four of each: unbiased variance 8 / 7.
     torch.testing.assert_close(own_std, torch.full((1, 2), math.sqrt(8 / 7)))
+
+
+def test_hgad_terms_take_the_models_own_score_and_its_factors() -> None:
+    from development_study import hgad_terms
+
+    from anomalib_vqflow.models import Hgad
+
+    torch.manual_seed(0)
+    model = Hgad(
+        backbone="tf_efficientnet_lite0",
+        pre_trained=False,
+        num_components=2,
+        num_intra_centers=2,
+        num_blocks=1,
+        position_channels=8,
+        pyramid_levels=2,
+        map_size=32,
+        blur_sigma=1.0,
+        pre_processor=Hgad.configure_pre_processor(image_size=(64, 64)),
+    ).eval()
+    model.model.anomaly_map_generator.set_references(torch.tensor([-1.0, -1.0]), torch.tensor([0.0, 0.0]))
+    mask = torch.zeros(64, 64)
+    mask[8:16, 8:16] = 1
+    items = [SimpleNamespace(image=torch.rand(3, 64, 64), gt_mask=mask, category="tile", gt_label=1)]
+    ((category, label, scored_mask, variants),) = list(hgad_terms(model, items))
+    assert (category, label, int(scored_mask.sum())) == ("tile", 1, 64)
+    image = model.pre_processor.transform(items[0].image.unsqueeze(0))
+    output = model.model(image)
+    assert math.isclose(variants["paper: likelihood x entropy"][0], float(output.pred_score[0]), rel_tol=1e-5)
+    torch.testing.assert_close(variants["paper: likelihood x entropy"][1], output.anomaly_map[0, 0])
+    assert set(variants) == {"paper: likelihood x entropy", "likelihood term only", "entropy term only", "nll top3%"}
+    # nll: the full log-likelihood of every level (not per dimension), upsampled, summed, negated.
+    encoding = model.model.encode(image)
+    levels = []
+    for prior, latent, log_jacobian, (height, width) in zip(
+        model.model.priors, encoding.latents, encoding.log_jacobians, encoding.sizes, strict=True
+    ):
+        level = prior.log_likelihood(latent, log_jacobian, encoding.components.expand(height * width))
+        level = level.view(1, 1, height, width)
+        levels.append(F.interpolate(level, size=(64, 64), mode="bilinear", align_corners=True))
+    nll = -sum(levels)[0, 0]
+    torch.testing.assert_close(variants["nll top3%"][1], nll, rtol=1e-4, atol=1e-3)
+    assert math.isclose(variants["nll top3%"][0], float(nll.flatten().topk(122).values.mean()), rel_tol=1e-4)

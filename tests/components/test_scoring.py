@@ -9,6 +9,7 @@ from anomalib_vqflow.components.positional import positional_encoding_2d
 from anomalib_vqflow.components.scoring import (
     AnomalyMapGenerator,
     additive_anomaly_map,
+    cell_centred_upsample,
     joint_log_likelihood,
     log_likelihood_maps,
     multiplicative_anomaly_map,
@@ -86,22 +87,48 @@ def test_nll_mode_keeps_likelihoods_comparable_across_images() -> None:
     torch.testing.assert_close(additive[0], additive[1])
 
 
+def centred_by_grid_sample(scale_map: torch.Tensor, size: int, cell_centre: float) -> torch.Tensor:
+    """Bilinear interpolation read at each pixel's place in cell units, ``(x + 0.5) / P - cell_centre``."""
+    cells = scale_map.shape[-1]
+    place = (torch.arange(size) + 0.5) / (size / cells) - cell_centre
+    coordinate = place / (cells - 1) * 2 - 1  # grid_sample's [-1, 1] with align_corners=True: cell centres
+    grid_y, grid_x = torch.meshgrid(coordinate, coordinate, indexing="ij")
+    grid = torch.stack([grid_x, grid_y], dim=-1).expand(scale_map.shape[0], -1, -1, -1)
+    return torch.nn.functional.grid_sample(scale_map, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+@pytest.mark.parametrize(("cells", "cell_centre"), [(4, 0.25), (2, 0.25), (8, 0.5), (4, 0.0)])
+def test_cell_centred_upsample_puts_each_cell_at_its_centre(cells: int, cell_centre: float) -> None:
+    scale_map = torch.randn(2, 1, cells, cells, generator=torch.Generator().manual_seed(cells))
+    upsampled = cell_centred_upsample(scale_map, (32, 32), cell_centre)
+    torch.testing.assert_close(upsampled, centred_by_grid_sample(scale_map, 32, cell_centre))
+
+
+def test_cell_centred_upsample_by_hand() -> None:
+    # Stride 4 (2 cells to 8 pixels); a pooled cell's centre 4 * (j + 1/4) - 0.5: pixels 0.5 and 4.5.
+    expected = torch.tensor([0.0, 0.5, 1.5, 2.5, 3.5, 4.0, 4.0, 4.0])
+    row = cell_centred_upsample(torch.tensor([[[[0.0, 4.0]]]]), (1, 8))
+    torch.testing.assert_close(row, expected.view(1, 1, 1, 8))
+    column = cell_centred_upsample(torch.tensor([[[[0.0], [4.0]]]]), (8, 1))
+    torch.testing.assert_close(column, expected.view(1, 1, 8, 1))
+
+
 def test_nll_mode_scores_the_gaussian_negative_log_density_and_maps_standardised_scales() -> None:
     generator = torch.Generator().manual_seed(5)
     latents = [torch.randn(2, 24, 4, 4, generator=generator), torch.randn(2, 112, 2, 2, generator=generator)]
-    score, anomaly_map = AnomalyMapGenerator(top_k=1.0, mode="nll")(latents, (4, 4))
+    score, anomaly_map = AnomalyMapGenerator(top_k=1.0, mode="nll")(latents, (16, 16))
 
     def upsampled(scale_map: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.interpolate(scale_map, size=(4, 4), mode="bilinear", align_corners=True)
+        return centred_by_grid_sample(scale_map, 16, cell_centre=0.25)
 
     normal = torch.distributions.Normal(0.0, 1.0)
     fine = -normal.log_prob(latents[0]).sum(dim=1, keepdim=True) - 12 * math.log(2 * math.pi)
     coarse = -normal.log_prob(latents[1]).sum(dim=1, keepdim=True) - 56 * math.log(2 * math.pi)
     # Channels are summed, not averaged: the coarse scale's 112 channels weigh 112/24 times the fine scale's 24.
-    torch.testing.assert_close(score, (fine + upsampled(coarse)).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(score, (upsampled(fine) + upsampled(coarse)).mean(dim=(1, 2, 3)))
     # Where the flow fits, each standardised scale has mean 0 and spread 1 (a chi-square's z-score).
     standardised = [(2 * fine - 24) / math.sqrt(48), (2 * coarse - 112) / math.sqrt(224)]
-    torch.testing.assert_close(anomaly_map, standardised[0] + upsampled(standardised[1]))
+    torch.testing.assert_close(anomaly_map, upsampled(standardised[0]) + upsampled(standardised[1]))
     many = AnomalyMapGenerator(mode="nll")([torch.randn(64, 24, 16, 16, generator=generator)], (16, 16))[1]
     assert abs(float(many.mean())) < 0.02
     assert abs(float(many.std()) - 1.0) < 0.02

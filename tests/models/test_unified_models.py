@@ -58,10 +58,12 @@ def _tiny_hgad(labels: str) -> Hgad:
 TINY_MODELS: dict[str, Callable[[], AnomalibModule]] = {
     "hgad": lambda: _tiny_hgad("none"),
     "hgad_dataset": lambda: _tiny_hgad("dataset"),
+    # The shipped CPU configs' scoring, so that export parity covers it (VqFlow keeps the paper's).
     "ms_flow": lambda: MsFlow(
         backbone="tf_efficientnet_lite0",
         num_blocks=(1, 1, 2),
         condition_channels=8,
+        anomaly_map_mode="nll",
         warmup_epochs=1,
         pre_processor=_pre_processor(MsFlow),
     ),

@@ -56,7 +56,8 @@ class MsFlow(FlowTrainingMixin, FeatureCacheMixin, UnifiedModelMixin, AnomalibMo
         condition_channels: Channels of the positional-encoding condition.
         clamp: Affine clamping of the couplings.
         top_k: Share of pixels averaged into the image score.
-        anomaly_map_mode: ``"add"`` (paper's localization map) or ``"mul"``.
+        anomaly_map_mode: ``"add"`` (paper's localization map), ``"mul"``, or ``"nll"`` (unnormalised
+            negative log-likelihood, the ``_cpu`` configs'; :mod:`anomalib_vqflow.components.scoring`).
         lr: Adam learning rate.
         warmup_epochs: Epochs of linear warm-up from 0.1 x ``lr``.
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.

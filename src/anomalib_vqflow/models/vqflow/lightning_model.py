@@ -98,7 +98,8 @@ class VqFlow(FlowTrainingMixin, FeatureCacheMixin, UnifiedModelMixin, AnomalibMo
         min_calibration_images: Good images a prototype needs for calibration statistics of its own.
         clamp: Affine clamping of the couplings.
         top_k: Share of pixels averaged into the image score.
-        anomaly_map_mode: ``"add"`` (paper's localization map) or ``"mul"``.
+        anomaly_map_mode: ``"add"`` (paper's localization map), ``"mul"``, or ``"nll"`` (unnormalised
+            negative log-likelihood, the ``_cpu`` configs'; :mod:`anomalib_vqflow.components.scoring`).
         lr: Adam learning rate.
         warmup_epochs: Epochs of linear warm-up from 0.1 x ``lr``.
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
