@@ -257,6 +257,17 @@ def test_stages_are_resampled_with_aligned_corners() -> None:
     assert offset == target.shape[1] == 192
 
 
+def test_average_resampling_takes_the_mean_of_every_grid_cell() -> None:
+    torch.manual_seed(0)
+    model = _tiny_model(stage_resampling="average").eval()
+    images = torch.rand(1, 3, 64, 64)
+    target = model.features(images)
+    finest = model.feature_extractor(images)[0]  # 32 x 32 onto the 4 x 4 grid: 8 x 8 cells
+    torch.testing.assert_close(target[0, : finest.shape[1], 1, 2], finest[0, :, 8:16, 16:24].mean(dim=(1, 2)))
+    with pytest.raises(ValueError, match="stage_resampling must be 'bilinear' or 'average'"):
+        _tiny_model(stage_resampling="nearest")
+
+
 def test_optimiser_schedule_and_clipping_are_the_papers() -> None:
     model = UniAd(backbone="tf_efficientnet_lite0", pre_trained=False, hidden_channels=16, num_heads=2)
     configuration = model.configure_optimizers()

@@ -79,6 +79,8 @@ class UniAd(FeatureCacheMixin, UnifiedModelMixin, AnomalibModule):
         jitter_scale: Scale of the training feature jitter; 0 for none.
         jitter_probability: Chance per batch of jittering.
         pool_size: Average pooling in pixels before the image score's maximum.
+        stage_resampling: ``"bilinear"`` (UniAD's point sampling of the finer stages) or ``"average"``
+            (their mean over each grid cell).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         lr_step: Epochs between learning-rate decays.
@@ -124,6 +126,7 @@ class UniAd(FeatureCacheMixin, UnifiedModelMixin, AnomalibModule):
         jitter_scale: float = 20.0,
         jitter_probability: float = 1.0,
         pool_size: int = 16,
+        stage_resampling: str = "bilinear",
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         lr_step: int = 800,

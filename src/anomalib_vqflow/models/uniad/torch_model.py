@@ -4,7 +4,10 @@ Pipeline (You et al., NeurIPS 2022, "A Unified Model for Multi-class Anomaly Det
 
 1. a frozen backbone gives four stages (strides 2, 4, 8 and 16 by default); each is
    resampled bilinearly (``align_corners=True``) to the stride-16 grid and the stages are
-   concatenated: the **reconstruction target** (272 channels for EfficientNet-B4);
+   concatenated: the **reconstruction target** (272 channels for EfficientNet-B4). Bilinear
+   resampling reads a finer stage at one point per grid cell; ``stage_resampling="average"``
+   (not in the official code) takes each cell's mean, so that a defect between the points
+   still reaches the target;
 2. while training, the tokens are **jittered** (:func:`feature_jitter`) before a linear
    projection to the transformer width, so that the network must remove perturbations
    of normal features rather than learn an identity map;
@@ -257,6 +260,9 @@ class UniAdModel(nn.Module):
         jitter_scale: Scale of the training feature jitter (UniAD: 20); 0 turns it off.
         jitter_probability: Chance per batch of jittering (UniAD: 1).
         pool_size: Average pooling in pixels before the image score's maximum (UniAD: 16).
+        stage_resampling: How the finer stages come to the grid: ``"bilinear"`` (UniAD: bilinear with
+            ``align_corners=True``, which reads each stage at one point per grid cell) or ``"average"``
+            (the mean over the cell, so that a defect between the sampled points still counts).
 
     Raises:
         ValueError: If the neighbourhood covers the whole grid (every position would be blocked
@@ -289,8 +295,13 @@ class UniAdModel(nn.Module):
         jitter_scale: float = 20.0,
         jitter_probability: float = 1.0,
         pool_size: int = 16,
+        stage_resampling: str = "bilinear",
     ) -> None:
         super().__init__()
+        if stage_resampling not in {"bilinear", "average"}:
+            msg = f"stage_resampling must be 'bilinear' or 'average', got stage_resampling={stage_resampling!r}."
+            raise ValueError(msg)
+        self.stage_resampling = stage_resampling
         self.input_size = (int(input_size[0]), int(input_size[1]))
         # Every timm CNN pads so that a stride-s stage of an H-pixel input has ceil(H / s) rows.
         self.grid = (math.ceil(self.input_size[0] / feature_stride), math.ceil(self.input_size[1] / feature_stride))
@@ -344,16 +355,14 @@ class UniAdModel(nn.Module):
                 f"{images.shape[-2]}x{images.shape[-1]}. Resize with the model's pre-processor."
             )
             raise ValueError(msg)
-        stages = self.feature_extractor(images)
-        return torch.cat(
-            [
-                stage
-                if tuple(stage.shape[-2:]) == self.grid
-                else F.interpolate(stage, size=self.grid, mode="bilinear", align_corners=True)
-                for stage in stages
-            ],
-            dim=1,
-        )
+        return torch.cat([self._to_grid(stage) for stage in self.feature_extractor(images)], dim=1)
+
+    def _to_grid(self, stage: torch.Tensor) -> torch.Tensor:
+        if tuple(stage.shape[-2:]) == self.grid:
+            return stage
+        if self.stage_resampling == "average":
+            return F.adaptive_avg_pool2d(stage, self.grid)
+        return F.interpolate(stage, size=self.grid, mode="bilinear", align_corners=True)
 
     def reconstruct(self, target: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``(N, C, h, w)`` features; in training mode from a jittered copy."""
