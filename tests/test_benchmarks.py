@@ -15,6 +15,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from unified import by_model, halved_root, metric_table, overview_table, parse_model_entry  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     ("entry", "expected"),

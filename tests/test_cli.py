@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from anomalib_vqflow.cli import CONFIG_DIR, main
+
+pytestmark = pytest.mark.slow
 
 COMMAND = str(Path(sys.executable).with_name("anomalib-vqflow"))
 

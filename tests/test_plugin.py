@@ -14,6 +14,8 @@ from PIL import Image
 import anomalib_vqflow
 from anomalib_vqflow.models import MsFlow, VqFlow
 
+pytestmark = pytest.mark.slow
+
 ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 CONFIGS = Path(anomalib_vqflow.__file__).parent / "configs"
 

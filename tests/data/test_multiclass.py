@@ -1,5 +1,6 @@
 """The unified datamodule: categories, items that carry them, masks, and clear errors on bad input."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 from anomalib_vqflow.data import MultiClassMVTecAD, MultiClassVisa
-from anomalib_vqflow.data.multiclass import CategoryImageBatch, MultiClassDataset
+from anomalib_vqflow.data.multiclass import CategoryImageBatch, MultiClassDataset, announce_good_validation
 
 
 def _write_image(path: Path, value: int, size: tuple[int, int] = (20, 24), mode: str = "RGB") -> None:
@@ -68,6 +69,27 @@ def test_validation_comes_from_good_training_images(root: Path) -> None:
     assert all("/train/good/" in path for path in val_paths)
     assert not val_paths & set(datamodule.test_data.samples.image_path)
     assert len(datamodule.train_data) + len(datamodule.val_data) == 6
+
+
+def test_good_validation_is_announced_once_and_anomalibs_repeats_are_dropped(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    announce_good_validation.cache_clear()
+    anomalib_logger = logging.getLogger("anomalib.metrics.threshold.f1_adaptive_threshold")
+    before = list(anomalib_logger.filters)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2):
+                MultiClassMVTecAD(root=root, num_workers=0, val_split_ratio=0.5, seed=0).setup()
+            anomalib_logger.warning("The validation set does not contain any anomalous images. As a result ...")
+            anomalib_logger.warning("Another threshold warning.")
+        messages = [record.getMessage() for record in caplog.records]
+        assert sum("Validation uses good training images only" in message for message in messages) == 1
+        assert not any(message.startswith("The validation set does not contain") for message in messages)
+        assert "Another threshold warning." in messages
+    finally:
+        anomalib_logger.filters[:] = before
+        announce_good_validation.cache_clear()
 
 
 def test_run_folder_names_follow_the_data(root: Path) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 RUN = Path(__file__).with_name("ddp_run.py")
 MODELS = ["hgad", "ms_flow", "uni_ad", "vq_flow"]
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 RUN = Path(__file__).with_name("resume_run.py")
 
 

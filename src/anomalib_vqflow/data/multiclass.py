@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -413,6 +414,34 @@ class MultiClassMVTecAD(AnomalibDataModule):
             len(self.train_data),
             len(self.test_data),
         )
+        if self.val_split_mode == ValSplitMode.FROM_TRAIN:
+            announce_good_validation()
+
+
+_F1_THRESHOLD_LOGGER = "anomalib.metrics.threshold.f1_adaptive_threshold"
+_NO_ANOMALOUS_VALIDATION = "The validation set does not contain any anomalous images"
+
+
+class _GoodValidationFilter(logging.Filter):
+    """Drops Anomalib's per-epoch warning that validation holds no anomalous image: here that is by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NO_ANOMALOUS_VALIDATION)
+
+
+@functools.cache
+def announce_good_validation() -> None:
+    """Say once per process, in the plugin's words, what Anomalib would repeat at every validation epoch.
+
+    Example:
+        >>> announce_good_validation()  # logs once; Anomalib's repeats of it are filtered from now on
+    """
+    logging.getLogger(_F1_THRESHOLD_LOGGER).addFilter(_GoodValidationFilter())
+    logger.warning(
+        "Validation uses good training images only (val_split_mode=from_train), so that no test image "
+        "chooses a threshold or an epoch. Anomalib's adaptive threshold therefore takes the highest "
+        "validation score; its warning about this is not repeated every epoch."
+    )
 
 
 class MultiClassVisa(MultiClassMVTecAD):

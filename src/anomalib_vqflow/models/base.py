@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 
 _RNG_STATES_KEY = "anomalib_vqflow_rng_states"
+# torch's exporter writes opset 18; Anomalib asks for 14, and the down-conversion fails on Pad
+# ("No Adapter To Version $17 for Pad"), prints a traceback and keeps 18 anyway.
+EXPORT_OPSET = 18
 
 
 def _rng_states() -> dict[str, Any]:
@@ -203,7 +206,12 @@ class UnifiedModelMixin:
         return model_file
 
     def to_onnx(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
-        """Anomalib's ONNX export, plus ``score.py`` next to ``model.onnx`` (OpenVINO runs ONNX files as they are)."""
+        """Anomalib's ONNX export, plus ``score.py`` next to ``model.onnx`` (OpenVINO runs ONNX files as they are).
+
+        Written at opset :data:`EXPORT_OPSET` unless ``opset_version`` is given (``onnx_kwargs`` of
+        the OpenVINO export come here too).
+        """
+        kwargs.setdefault("opset_version", EXPORT_OPSET)
         model_file = super().to_onnx(export_root, *args, **kwargs)  # type: ignore[misc]
         write_scorer(model_file.parent)
         return model_file
