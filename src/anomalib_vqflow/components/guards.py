@@ -4,7 +4,8 @@ A flow's NaN does not announce itself: one poisoned step turns every trainable w
 NaN, training goes on, and the checkpoint written at the end holds nothing usable. The
 plugin's models therefore check every training step (see
 :class:`~anomalib_vqflow.models.base.UnifiedModelMixin`): the batch's images before anything
-reads them, then the loss, log-determinants and latents. With ``non_finite="stop"`` (the
+reads them, then the loss and what the model computed from them (the flows: latents and
+log-determinants; UniAd: its reconstruction). With ``non_finite="stop"`` (the
 default) :class:`NonFiniteError` names the step, the batch's image files and the tensor; with
 ``"skip"`` the batch is dropped before it changes any weight and the skips are counted in the
 log (``train_skipped_batches``). Either way the trainable weights are checked after every

@@ -9,7 +9,7 @@ base* (``base + VQ(features - base)``), as VQ-Flow's pattern codebooks do around
 positional code and the image's prototype. :func:`kmeans` fits a codebook to a fixed set of
 vectors in one go (HGAD's label-free components).
 
-Two deliberate differences from the VQ-VAE-2 reference code that VQ-Flow uses:
+Three deliberate differences from the VQ-VAE-2 reference code that VQ-Flow uses:
 
 - the moving averages start at zero (cluster sizes and code sums), and a code only moves
   when inputs are assigned to it. The reference starts the code sums at the initial

@@ -62,9 +62,8 @@ class MsFlow(FlowTrainingMixin, FeatureCacheMixin, UnifiedModelMixin, AnomalibMo
         warmup_epochs: Epochs of linear warm-up from 0.1 x ``lr``.
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
         lr_gamma: Step decay factor.
-        non_finite: ``"stop"`` raises on a NaN or an infinity in a training step (image, loss, latents,
-            log-determinants); ``"skip"`` skips that batch and counts it in the log
-            (:mod:`anomalib_vqflow.components.guards`).
+        non_finite: What a NaN or an infinity in a training step does: ``"stop"`` raises, ``"skip"`` drops
+            the batch (:mod:`anomalib_vqflow.components.guards` says what is checked).
         feature_cache: Compute the frozen features of every training image once and train on them
             (:mod:`anomalib_vqflow.models.feature_cache`); ``None``: wherever that is exact,
             ``True``: an error where it is not, ``False``: never.
