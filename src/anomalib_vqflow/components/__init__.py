@@ -3,6 +3,7 @@
 - :mod:`.backbone`: frozen multi-stage timm feature extractor with offline weights;
 - :mod:`.positional`: 2-D sinusoidal positional encoding;
 - :mod:`.flows`: coupling subnets, per-scale parallel flows, the fusion coupling;
+- :mod:`.gaussian`: the standard normal's negative log-density of latents (losses and scores);
 - :mod:`.quantizers`: EMA vector quantizers (VQ-Flow's codebooks) and k-means;
 - :mod:`.priors`: concept-conditioned Gaussians (VQ-Flow) and hierarchical Gaussian mixtures (HGAD);
 - :mod:`.scoring`: per-scale likelihoods to anomaly maps and image scores.
@@ -10,6 +11,7 @@
 
 from .backbone import OFFLINE_BACKBONES, FeatureExtractor, layers_for_strides
 from .flows import ConvLayerNormSubnet, FusionCoupling, MlpSubnet, ParallelFlows, conditional_flow
+from .gaussian import negative_log_likelihood, negative_log_likelihood_maps
 from .positional import positional_encoding_2d
 from .priors import ConceptGaussianPrior, HierarchicalGaussianMixture
 from .quantizers import QuantizerOutput, VectorQuantizer, codebook_statistics, kmeans, residual_quantize
@@ -48,6 +50,8 @@ __all__ = [
     "log_likelihood_maps",
     "multiplicative_anomaly_map",
     "multiplicative_image_score",
+    "negative_log_likelihood",
+    "negative_log_likelihood_maps",
     "positional_encoding_2d",
     "residual_quantize",
     "top_k_mean",

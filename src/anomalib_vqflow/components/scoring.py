@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from .gaussian import negative_log_likelihood_maps
+
 
 def log_likelihood_maps(latents: Sequence[torch.Tensor], channel_mean: bool = True) -> list[torch.Tensor]:
     """Per-pixel log-likelihood ``-0.5 * mean_c(z^2)`` of each ``(N, C, H, W)`` latent, as ``(N, 1, H, W)``.
@@ -66,7 +68,7 @@ def log_likelihood_maps(latents: Sequence[torch.Tensor], channel_mean: bool = Tr
     """
     if channel_mean:
         return [-0.5 * latent.pow(2).mean(dim=1, keepdim=True) for latent in latents]
-    return [-0.5 * latent.pow(2).sum(dim=1, keepdim=True) for latent in latents]
+    return [-scale_map for scale_map in negative_log_likelihood_maps(latents)]
 
 
 def _image_max(maps: torch.Tensor) -> torch.Tensor:
@@ -118,11 +120,6 @@ def _cell_centred_sum(maps: Sequence[torch.Tensor], size: tuple[int, int]) -> to
 def joint_log_likelihood(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Sum over scales of the upsampled log-likelihoods (the log of their product), ``(N, 1, H, W)``."""
     return sum(_upsample(log_likelihood, size) for log_likelihood in log_likelihoods)
-
-
-def negative_log_likelihood_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-pixel ``0.5 * sum_c(z^2)`` of each ``(N, C, H, W)`` latent: the negative log-density up to a constant."""
-    return [-log_likelihood for log_likelihood in log_likelihood_maps(latents, channel_mean=False)]
 
 
 def standardised_scale_maps(

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from anomalib_vqflow.components.gaussian import negative_log_likelihood
+
 
 class MsFlowLoss(nn.Module):
     """Negative log-likelihood of multi-scale latents under N(0, I), up to a constant.
@@ -29,5 +31,4 @@ class MsFlowLoss(nn.Module):
 
     def forward(self, latents: Sequence[torch.Tensor], log_jacobian: torch.Tensor) -> torch.Tensor:
         """Return the batch mean of ``sum_l 0.5 * ||z_l||^2 - log_jacobian``."""
-        energy = sum(0.5 * latent.pow(2).sum(dim=(1, 2, 3)) for latent in latents)
-        return (energy - log_jacobian).mean()
+        return negative_log_likelihood(latents, log_jacobian).mean()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from anomalib_vqflow.models.msflow.loss import MsFlowLoss
+from anomalib_vqflow.components.gaussian import negative_log_likelihood
 
 
 class VqFlowLoss(nn.Module):
@@ -35,7 +35,6 @@ class VqFlowLoss(nn.Module):
     def __init__(self, commitment_weight: float = 1.0) -> None:
         super().__init__()
         self.commitment_weight = commitment_weight
-        self.negative_log_likelihood = MsFlowLoss()
 
     def forward(
         self,
@@ -44,4 +43,4 @@ class VqFlowLoss(nn.Module):
         commitment: torch.Tensor,
     ) -> torch.Tensor:
         """Return the scalar loss."""
-        return self.negative_log_likelihood(latents, log_jacobian) + self.commitment_weight * commitment
+        return negative_log_likelihood(latents, log_jacobian).mean() + self.commitment_weight * commitment
