@@ -4,7 +4,8 @@
 - :mod:`.positional`: 2-D sinusoidal positional encoding;
 - :mod:`.flows`: coupling subnets, per-scale parallel flows, the fusion coupling;
 - :mod:`.gaussian`: the standard normal's negative log-density of latents (losses and scores);
-- :mod:`.quantizers`: EMA vector quantizers (VQ-Flow's codebooks) and k-means;
+- :mod:`.quantizers`: EMA vector quantizers (VQ-Flow's codebooks);
+- :mod:`.kmeans`: k-means and squared distances (codebooks, mixture priors, HGAD's components);
 - :mod:`.priors`: concept-conditioned Gaussians (VQ-Flow) and hierarchical Gaussian mixtures (HGAD);
 - :mod:`.scoring`: per-scale likelihoods to anomaly maps and image scores.
 """
@@ -12,9 +13,10 @@
 from .backbone import OFFLINE_BACKBONES, FeatureExtractor, layers_for_strides
 from .flows import ConvLayerNormSubnet, FusionCoupling, MlpSubnet, ParallelFlows, conditional_flow
 from .gaussian import negative_log_likelihood, negative_log_likelihood_maps
+from .kmeans import kmeans, squared_distances
 from .positional import positional_encoding_2d
 from .priors import ConceptGaussianPrior, HierarchicalGaussianMixture
-from .quantizers import QuantizerOutput, VectorQuantizer, codebook_statistics, kmeans, residual_quantize
+from .quantizers import QuantizerOutput, VectorQuantizer, codebook_statistics, residual_quantize
 from .scoring import (
     AnomalyMapGenerator,
     AnomalyMapMode,
@@ -54,5 +56,6 @@ __all__ = [
     "negative_log_likelihood_maps",
     "positional_encoding_2d",
     "residual_quantize",
+    "squared_distances",
     "top_k_mean",
 ]

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .quantizers import squared_distances
+from .kmeans import squared_distances
 
 _VARIANCE_FLOOR = 1e-8
 

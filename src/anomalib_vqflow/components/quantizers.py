@@ -6,8 +6,7 @@ learned codes, passes gradients straight through, and returns a commitment loss
 assigned to each code with an exponential moving average (decay 0.99, Laplace-smoothed
 cluster sizes, eps 1e-5). :func:`residual_quantize` quantizes features *relative to a
 base* (``base + VQ(features - base)``), as VQ-Flow's pattern codebooks do around the
-positional code and the image's prototype. :func:`kmeans` fits a codebook to a fixed set of
-vectors in one go (HGAD's label-free components).
+positional code and the image's prototype.
 
 Three deliberate differences from the VQ-VAE-2 reference code that VQ-Flow uses:
 
@@ -49,6 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from .kmeans import squared_distances
+
 
 class QuantizerOutput(NamedTuple):
     """What a quantizer returns.
@@ -70,13 +71,6 @@ class QuantizerOutput(NamedTuple):
     quantized: torch.Tensor
     indices: torch.Tensor
     commitment: torch.Tensor
-
-
-def squared_distances(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distances ``(M, K)`` between ``vectors (M, D)`` and ``codebook (K, D)`` from one matrix product."""
-    return (
-        vectors.pow(2).sum(dim=1, keepdim=True) - 2.0 * vectors @ codebook.t() + codebook.pow(2).sum(dim=1).unsqueeze(0)
-    )
 
 
 def codebook_statistics(usage: torch.Tensor) -> tuple[float, int]:
@@ -210,48 +204,3 @@ def residual_quantize(quantizer: VectorQuantizer, features: torch.Tensor, base: 
     """
     output = quantizer(features - base)
     return output._replace(quantized=base + output.quantized)
-
-
-def kmeans(
-    vectors: torch.Tensor,
-    num_clusters: int,
-    iterations: int = 100,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster the rows of ``vectors (M, D)``: k-means++ seeding, then Lloyd iterations until nothing moves.
-
-    Deterministic for a given ``generator``. With fewer distinct rows than ``num_clusters``,
-    the surplus centres repeat rows and stay empty.
-
-    Returns:
-        The centres ``(num_clusters, D)`` and the cluster of every row ``(M,)``.
-
-    >>> points = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
-    >>> centres, assignments = kmeans(points, 2, generator=torch.Generator().manual_seed(0))
-    >>> bool(assignments[0] == assignments[1]), bool(assignments[0] != assignments[2])
-    (True, True)
-    """
-    if num_clusters < 1 or len(vectors) == 0:
-        msg = f"k-means needs a cluster and a vector at least, got {num_clusters} clusters, {len(vectors)} vectors."
-        raise ValueError(msg)
-    vectors = vectors.double()
-    first = torch.randint(len(vectors), (1,), generator=generator)
-    centres = [vectors[first]]
-    closest = squared_distances(vectors, centres[0]).squeeze(1).clamp_min(0.0)
-    for _ in range(num_clusters - 1):
-        weights = closest if closest.sum() > 0 else torch.ones_like(closest)
-        pick = torch.multinomial(weights, 1, generator=generator)
-        centres.append(vectors[pick])
-        closest = torch.minimum(closest, squared_distances(vectors, vectors[pick]).squeeze(1).clamp_min(0.0))
-    codebook = torch.cat(centres)
-    assignments = squared_distances(vectors, codebook).argmin(dim=1)
-    for _ in range(iterations):
-        counts = torch.bincount(assignments, minlength=num_clusters).to(vectors.dtype)
-        sums = torch.zeros_like(codebook).index_add_(0, assignments, vectors)
-        filled = counts > 0
-        codebook[filled] = sums[filled] / counts[filled].unsqueeze(1)
-        updated = squared_distances(vectors, codebook).argmin(dim=1)
-        if torch.equal(updated, assignments):
-            break
-        assignments = updated
-    return codebook.float(), assignments

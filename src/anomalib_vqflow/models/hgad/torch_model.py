@@ -47,9 +47,9 @@ from torch import nn
 
 from anomalib_vqflow.components.backbone import FeatureExtractor
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING, MlpSubnet, conditional_flow
+from anomalib_vqflow.components.kmeans import kmeans, squared_distances
 from anomalib_vqflow.components.positional import positional_encoding_2d
 from anomalib_vqflow.components.priors import HierarchicalGaussianMixture
-from anomalib_vqflow.components.quantizers import kmeans, squared_distances
 
 from .anomaly_map import HgadAnomalyMapGenerator
 
