@@ -303,6 +303,26 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @classmethod
+    def of_model(
+        cls,
+        backbone: str,
+        layers: Sequence[int] | None,
+        paper_strides: Sequence[int],
+        pre_trained: bool = True,
+        weights: str | Path | None = None,
+    ) -> FeatureExtractor:
+        """Build the stages a model taps: its ``layers`` when given, else those at its paper's ``paper_strides``.
+
+        The one way the plugin's torch models build their backbone, whatever the timm model.
+
+        Example:
+            >>> FeatureExtractor.of_model("tf_efficientnet_lite0", None, (4, 8, 16), pre_trained=False).strides
+            [4, 8, 16]
+        """
+        strides = paper_strides if layers is None else None
+        return cls(backbone, layers=layers, pre_trained=pre_trained, weights=weights, strides=strides)
+
     def _create(self, pretrained: bool) -> nn.Module:
         # The "getter" wrapper keeps the full model's parameter names (under ``model.``) and prunes the
         # stages after the last selected one, so a plain timm checkpoint maps by prefix and no compute is wasted.

@@ -216,12 +216,9 @@ class HgadModel(nn.Module):
         if pyramid_levels < 1:
             msg = f"pyramid_levels must be at least 1, got {pyramid_levels}."
             raise ValueError(msg)
-        self.feature_extractor = FeatureExtractor(
-            backbone,
-            layers=None if layer is None else [layer],
-            pre_trained=pre_trained,
-            weights=backbone_weights,
-            strides=(PAPER_STRIDE,) if layer is None else None,
+        layers = None if layer is None else [layer]
+        self.feature_extractor = FeatureExtractor.of_model(
+            backbone, layers, (PAPER_STRIDE,), pre_trained, backbone_weights
         )
         channels = self.feature_extractor.out_channels[0]
         self.channels = channels

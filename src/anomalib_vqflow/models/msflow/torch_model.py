@@ -68,12 +68,8 @@ class MsFlowModel(nn.Module):
         anomaly_map_mode: AnomalyMapMode | str = AnomalyMapMode.ADD,
     ) -> None:
         super().__init__()
-        self.feature_extractor = FeatureExtractor(
-            backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            weights=backbone_weights,
-            strides=PAPER_STRIDES if layers is None else None,
+        self.feature_extractor = FeatureExtractor.of_model(
+            backbone, layers, PAPER_STRIDES, pre_trained, backbone_weights
         )
         channels = self.feature_extractor.out_channels
         self.pool = nn.AvgPool2d(kernel_size=3, stride=2, padding=1)

@@ -321,12 +321,8 @@ class UniAdModel(nn.Module):
         # Derived from the grid, so rebuilt with the model and not stored in checkpoints.
         self.register_buffer("attention_mask", mask, persistent=False)
 
-        self.feature_extractor = FeatureExtractor(
-            backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            weights=backbone_weights,
-            strides=PAPER_STRIDES if layers is None else None,
+        self.feature_extractor = FeatureExtractor.of_model(
+            backbone, layers, PAPER_STRIDES, pre_trained, backbone_weights
         )
         feature_channels = sum(self.feature_extractor.out_channels)
         num_positions = self.grid[0] * self.grid[1]

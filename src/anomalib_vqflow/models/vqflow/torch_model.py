@@ -186,12 +186,8 @@ class VqFlowModel(nn.Module):
         anomaly_map_mode: AnomalyMapMode | str = AnomalyMapMode.ADD,
     ) -> None:
         super().__init__()
-        self.feature_extractor = FeatureExtractor(
-            backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            weights=backbone_weights,
-            strides=PAPER_STRIDES if layers is None else None,
+        self.feature_extractor = FeatureExtractor.of_model(
+            backbone, layers, PAPER_STRIDES, pre_trained, backbone_weights
         )
         if len(self.feature_extractor.out_channels) != len(num_blocks) + 1:
             msg = (
