@@ -27,8 +27,8 @@ from anomalib_vqflow.data import MultiClassMVTecAD
 from anomalib_vqflow.deploy import write_scorer
 from anomalib_vqflow.deploy.quantization import backbone_operations
 from anomalib_vqflow.models import Hgad, MsFlow, UniAd, VqFlow
-from anomalib_vqflow.models.base import EXPORT_OPSET
 from anomalib_vqflow.models.hgad.torch_model import HgadEncoding
+from anomalib_vqflow.models.mixins import EXPORT_OPSET
 from anomalib_vqflow.models.vqflow.torch_model import VqFlowEncoding
 
 pytestmark = pytest.mark.slow

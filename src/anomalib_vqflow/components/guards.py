@@ -3,7 +3,7 @@
 A flow's NaN does not announce itself: one poisoned step turns every trainable weight into
 NaN, training goes on, and the checkpoint written at the end holds nothing usable. The
 plugin's models therefore check every training step (see
-:class:`~anomalib_vqflow.models.base.UnifiedModelMixin`): the batch's images before anything
+:class:`~anomalib_vqflow.models.mixins.NonFiniteGuardMixin`): the batch's images before anything
 reads them, then the loss and what the model computed from them (the flows: latents and
 log-determinants; UniAd: its reconstruction). With ``non_finite="stop"`` (the
 default) :class:`NonFiniteError` names the step, the batch's image files and the tensor; with
