@@ -65,7 +65,7 @@ from anomalib_vqflow.components.scoring import (
     top_k_mean,
 )
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, default_demo_root
-from anomalib_vqflow.data.multiclass import MultiClassDataset
+from anomalib_vqflow.data.dataset import MultiClassDataset
 from anomalib_vqflow.evaluation.metrics import aupro, auroc
 from anomalib_vqflow.models import Hgad
 from anomalib_vqflow.models.hgad.anomaly_map import anomaly_from_normality

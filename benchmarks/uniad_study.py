@@ -41,7 +41,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_vqflow.cli import build_from_config, config_path
 from anomalib_vqflow.data import MultiClassMVTecAD
-from anomalib_vqflow.data.multiclass import MultiClassDataset
+from anomalib_vqflow.data.dataset import MultiClassDataset
 from anomalib_vqflow.evaluation.metrics import auroc
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -54,7 +54,7 @@ import yaml
 
 from anomalib_vqflow.cli import build_from_config, config_path
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, discover_categories
-from anomalib_vqflow.data.multiclass import make_category_samples
+from anomalib_vqflow.data.dataset import make_category_samples
 from anomalib_vqflow.evaluation.per_category import SUMMARY_ROWS, MetricsTable
 
 PLUGIN_MODELS = {"vqflow": "vq_flow", "msflow": "ms_flow", "hgad": "hgad", "uniad": "uni_ad"}

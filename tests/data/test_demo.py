@@ -14,14 +14,9 @@ import pytest
 from PIL import Image
 
 import anomalib_vqflow.data.demo as demo
-from anomalib_vqflow.data.demo import (
-    DEFECT_TYPES,
-    DEMO_CATEGORIES,
-    MIN_CHANGE,
-    default_demo_root,
-    generate_demo_dataset,
-    render_sample,
-)
+import anomalib_vqflow.data.demo_images as demo_images
+from anomalib_vqflow.data.demo import DEMO_CATEGORIES, default_demo_root, generate_demo_dataset
+from anomalib_vqflow.data.demo_images import DEFECT_TYPES, MIN_CHANGE, render_sample
 
 # Small enough to be fast, large enough that every defect type gets one image and scratch two.
 SMALL = {"num_train": 3, "num_test_good": 2, "num_test_defect": 5}
@@ -46,7 +41,7 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 def test_default_categories_mix_textures_and_objects() -> None:
-    kinds = [demo._SOURCES[category].texture for category in DEMO_CATEGORIES]
+    kinds = [demo_images._SOURCES[category].texture for category in DEMO_CATEGORIES]
     assert len(DEMO_CATEGORIES) == 4
     assert kinds.count(True) == 2
     assert kinds.count(False) == 2
@@ -99,7 +94,7 @@ def test_written_files_match_render_sample(small_root: Path) -> None:
                 assert np.array_equal(np.asarray(Image.open(mask_path)) == 255, mask)
 
 
-@pytest.mark.parametrize("category", sorted(demo._SOURCES))
+@pytest.mark.parametrize("category", sorted(demo_images._SOURCES))
 @pytest.mark.parametrize("defect", DEFECT_TYPES)
 def test_mask_marks_exactly_the_changed_pixels(category: str, defect: str) -> None:
     for index in range(3):
@@ -159,7 +154,7 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
 def test_images_do_not_depend_on_the_process() -> None:
     # Python salts str hashes per process; seeds derived from them would differ run to run.
     code = (
-        "import hashlib; from anomalib_vqflow.data.demo import render_sample; "
+        "import hashlib; from anomalib_vqflow.data.demo_images import render_sample; "
         "print(hashlib.sha256(render_sample('gravel', 'test', 'patch', 2).image.tobytes()).hexdigest())"
     )
     here = hashlib.sha256(render_sample("gravel", "test", "patch", 2).image.tobytes()).hexdigest()
@@ -253,9 +248,9 @@ def test_photographs_load_without_network(monkeypatch: pytest.MonkeyPatch) -> No
         raise AssertionError("the demo dataset must not touch the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    demo._photo.cache_clear()
-    for category in demo._SOURCES:
-        photo = demo._photo(category)
+    demo_images._photo.cache_clear()
+    for category in demo_images._SOURCES:
+        photo = demo_images._photo(category)
         assert photo.mode == "RGB"
         assert min(photo.size) >= 256
 

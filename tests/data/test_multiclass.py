@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from anomalib_vqflow.data import MultiClassMVTecAD, MultiClassVisa
-from anomalib_vqflow.data.multiclass import CategoryImageBatch, MultiClassDataset, announce_good_validation
+from anomalib_vqflow.data.dataset import CategoryImageBatch, MultiClassDataset
+from anomalib_vqflow.data.multiclass import announce_good_validation
 
 
 def _write_image(path: Path, value: int, size: tuple[int, int] = (20, 24), mode: str = "RGB") -> None:

@@ -5,15 +5,9 @@
 - :class:`DemoMultiClass`: the embedded demo data, generated offline in seconds.
 """
 
+from .dataset import CategoryImageBatch, CategoryImageItem, MultiClassDataset, discover_categories
 from .demo import DEMO_CATEGORIES, DemoMultiClass, default_demo_root, generate_demo_dataset
-from .multiclass import (
-    CategoryImageBatch,
-    CategoryImageItem,
-    MultiClassDataset,
-    MultiClassMVTecAD,
-    MultiClassVisa,
-    discover_categories,
-)
+from .multiclass import MultiClassMVTecAD, MultiClassVisa
 from .predict import PredictFolder
 
 __all__ = [
