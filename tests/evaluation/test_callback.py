@@ -16,7 +16,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
 from anomalib_vqflow.evaluation import UnifiedEvaluator, compute_metrics_table
-from anomalib_vqflow.evaluation.callback import CollectedOutputs, category_from_path, merge_collected_outputs
+from anomalib_vqflow.evaluation.callback import category_from_path
+from anomalib_vqflow.evaluation.collected import CollectedOutputs, merge_collected_outputs
 
 CATEGORIES = ["bottle", "bottle", "bottle", "bottle", "screw", "screw", "screw", "screw"]
 DEFECTS = ["good", "broken", "good", "broken", "good", "scratch", "good", "scratch"]
