@@ -9,13 +9,9 @@ from torch import nn
 
 from anomalib_vqflow.models import UniAd
 from anomalib_vqflow.models.uniad.anomaly_map import UniAdAnomalyMapGenerator
+from anomalib_vqflow.models.uniad.layers import NeighborMaskedEncoderLayer, feature_jitter, neighbor_mask
 from anomalib_vqflow.models.uniad.loss import UniAdLoss
-from anomalib_vqflow.models.uniad.torch_model import (
-    NeighborMaskedEncoderLayer,
-    UniAdModel,
-    feature_jitter,
-    neighbor_mask,
-)
+from anomalib_vqflow.models.uniad.torch_model import UniAdModel
 
 
 def _tiny_model(input_size: tuple[int, int] = (64, 64), **kwargs: object) -> UniAdModel:
