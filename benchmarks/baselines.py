@@ -22,7 +22,7 @@ from typing import Any
 import timm
 from anomalib.models import AnomalibModule, Cflow, Fastflow, Padim, Patchcore, Stfpm
 
-from anomalib_vqflow.components.backbone import OFFLINE_BACKBONES, cache_packaged_weights
+from anomalib_vqflow.components.weights import OFFLINE_BACKBONES, cache_packaged_weights
 
 BASELINES: dict[str, type[AnomalibModule]] = {
     "padim": Padim,

@@ -11,13 +11,8 @@ from safetensors.torch import save_file
 from skimage import data
 from torch import nn
 
-from anomalib_vqflow.components.backbone import (
-    OFFLINE_BACKBONES,
-    FeatureExtractor,
-    cache_packaged_weights,
-    layers_for_strides,
-    packaged_lite_state_dict,
-)
+from anomalib_vqflow.components.backbone import FeatureExtractor, layers_for_strides
+from anomalib_vqflow.components.weights import OFFLINE_BACKBONES, cache_packaged_weights, packaged_lite_state_dict
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

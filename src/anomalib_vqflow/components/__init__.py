@@ -10,7 +10,7 @@
 - :mod:`.scoring`: per-scale likelihoods to anomaly maps and image scores.
 """
 
-from .backbone import OFFLINE_BACKBONES, FeatureExtractor, layers_for_strides
+from .backbone import FeatureExtractor, layers_for_strides
 from .flows import ConvLayerNormSubnet, FusionCoupling, MlpSubnet, ParallelFlows, conditional_flow
 from .gaussian import negative_log_likelihood, negative_log_likelihood_maps
 from .kmeans import kmeans, squared_distances
@@ -28,6 +28,7 @@ from .scoring import (
     multiplicative_image_score,
     top_k_mean,
 )
+from .weights import OFFLINE_BACKBONES
 
 __all__ = [
     "OFFLINE_BACKBONES",
