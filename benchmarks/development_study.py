@@ -21,8 +21,8 @@ weights, so that the scoring choices compare without retraining:
 - ``nll standardised per scale``: per scale ``(sum_c z^2 - C) / sqrt(2 C)``, summed over
   scales (``anomaly_map_mode="nll"``'s anomaly map before the cells were centred; its image
   score is ``nll top3%``);
-- ``nll, cells centred``: ``anomaly_map_mode="nll"`` as the models score now: the sum's top 3%
-  and the standardised map, every scale upsampled with its cells where they are in the image
+- ``nll, cells centred``: ``anomaly_map_mode="nll"`` as the models score now: the sum's top-k mean
+  (the model's ``top_k``) and the standardised map, every scale upsampled with its cells where they are in the image
   (:func:`~anomalib_vqflow.components.scoring.cell_centred_upsample`; the rows above upsample
   with MSFlow's ``align_corners=True``);
 - ``position z`` / ``position shift``: that map standardised per pixel position, ``(nll - mean_p) / std_p``,
@@ -159,7 +159,7 @@ def scorings(
     scale_maps = standardised_scale_maps(negative_log_likelihood_maps(latents), [z.shape[1] for z in latents])
     standardised = joint_log_likelihood(scale_maps, size)[0, 0]
     results["nll standardised per scale top3%"] = (float(top_k_mean(standardised[None, None], 0.03)[0]), standardised)
-    centred_score, centred_map = AnomalyMapGenerator(top_k=0.03, mode="nll")(latents, size)
+    centred_score, centred_map = AnomalyMapGenerator(top_k=top_k, mode="nll")(latents, size)
     results["nll, cells centred (anomaly_map_mode=nll)"] = (float(centred_score[0]), centred_map[0, 0])
     variants = {}
     if statistics:

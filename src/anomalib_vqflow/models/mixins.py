@@ -83,7 +83,6 @@ class NonFiniteGuardMixin:
     training step (see :mod:`anomalib_vqflow.components.guards`).
 
     Example:
-        >>> import torch
         >>> guard = NonFiniteGuardMixin()
         >>> guard._init_non_finite_guard("stop")
         >>> guard.non_finite, guard.skipped_batches
