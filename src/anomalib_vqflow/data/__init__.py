@@ -7,7 +7,7 @@
 
 from .dataset import CategoryImageBatch, CategoryImageItem, MultiClassDataset, discover_categories
 from .demo import DEMO_CATEGORIES, DemoMultiClass, default_demo_root, generate_demo_dataset
-from .multiclass import MultiClassMVTecAD, MultiClassVisa
+from .multiclass import MultiClassDataModule, MultiClassMVTecAD, MultiClassVisa
 from .predict import PredictFolder
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "CategoryImageBatch",
     "CategoryImageItem",
     "DemoMultiClass",
+    "MultiClassDataModule",
     "MultiClassDataset",
     "MultiClassMVTecAD",
     "MultiClassVisa",

@@ -25,8 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -168,6 +169,8 @@ class MultiClassDataset(AnomalibDataset):
         categories: Category names to load.
         augmentations: Augmentations applied to every image (and mask).
         split: ``"train"``, ``"test"`` or ``None`` for both.
+        make_samples: Builds one category's sample table from ``category``; defaults to the MVTec AD
+            layout under ``root`` (:func:`make_category_samples`). The unified datamodules pass their own.
 
     Example:
         >>> import tempfile
@@ -183,13 +186,16 @@ class MultiClassDataset(AnomalibDataset):
         self,
         root: str | Path,
         categories: Sequence[str],
-        augmentations: Transform | None = None,
         split: str | Split | None = None,
+        make_samples: Callable[[str], pd.DataFrame] | None = None,
+        augmentations: Transform | None = None,
     ) -> None:
         super().__init__(augmentations=augmentations)
         self.root = Path(root)
         self.categories = list(categories)
-        samples = pd.concat([make_category_samples(self.root, c) for c in self.categories], ignore_index=True)
+        if make_samples is None:
+            make_samples = functools.partial(make_category_samples, self.root)
+        samples = pd.concat([make_samples(category) for category in self.categories], ignore_index=True)
         if split is not None:
             split_value = split.value if isinstance(split, Split) else split
             samples = samples[samples.split == split_value].reset_index(drop=True)

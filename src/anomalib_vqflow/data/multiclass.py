@@ -31,14 +31,17 @@ import functools
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms.v2 import Transform
 
-from .dataset import MultiClassDataset, discover_categories
+from .dataset import MultiClassDataset, discover_categories, make_category_samples
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +84,24 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
 
-class MultiClassMVTecAD(AnomalibDataModule):
-    """One datamodule over several categories of a folder in MVTec AD layout.
+class MultiClassDataModule(AnomalibDataModule):
+    """Base of the unified datamodules: several categories, items that carry them, the per-category table.
+
+    A subclass says where its categories are (:meth:`available_categories`) and how one category's
+    samples are read (:meth:`category_samples`: Anomalib's sample table plus ``category``); this
+    base checks the requested categories, builds the datasets, keeps the training order a resumed
+    run repeats, validates on good training images, and attaches the per-category evaluator.
+
+    Any Anomalib model trained or tested on a unified datamodule gets the per-category table
+    (``metrics_per_category.{csv,json,md}``) with no extra argument: at ``setup`` the datamodule puts a
+    :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator` first among the trainer's callbacks, ahead of
+    the model's post-processor (so it reads raw scores), unless the run already has one (the plugin's
+    models bring their own). Anomalib's own evaluator keeps running next to it. ``per_category_table=False``
+    turns this off.
 
     Args:
-        root: Folder with one sub-folder per category (``<root>/<category>/train/good`` ...).
-        categories: Categories to use; ``None`` uses every folder under ``root`` that has
-            ``train/good``.
+        root: Folder of the data set.
+        categories: Categories to use; ``None`` uses every category found under ``root``.
         train_batch_size: Training batch size.
         eval_batch_size: Validation and test batch size.
         num_workers: Data loader workers.
@@ -101,16 +115,12 @@ class MultiClassMVTecAD(AnomalibDataModule):
             training images only, so no threshold or normalisation is fitted on test images.
         val_split_ratio: Share of the training images used for validation.
         seed: Seed of the random splits.
-
-    Example:
-        >>> datamodule = MultiClassMVTecAD(root="./datasets/MVTecAD", categories=["bottle", "cable"])
-        >>> datamodule.name, datamodule.category
-        ('MVTecAD', 'unified')
+        per_category_table: Attach the per-category evaluator to runs that have none.
     """
 
     def __init__(
         self,
-        root: str | Path = "./datasets/MVTecAD",
+        root: str | Path,
         categories: Sequence[str] | None = None,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
@@ -124,6 +134,7 @@ class MultiClassMVTecAD(AnomalibDataModule):
         val_split_mode: ValSplitMode | str = ValSplitMode.FROM_TRAIN,
         val_split_ratio: float = 0.1,
         seed: int | None = None,
+        per_category_table: bool = True,
     ) -> None:
         super().__init__(
             train_batch_size=train_batch_size,
@@ -141,6 +152,7 @@ class MultiClassMVTecAD(AnomalibDataModule):
         )
         self.root = Path(root)
         self._requested_categories = list(categories) if categories is not None else None
+        self.per_category_table = per_category_table
         self.category = "unified"
 
     @property
@@ -153,18 +165,38 @@ class MultiClassMVTecAD(AnomalibDataModule):
         """Name of the data set folder, so run folders and pictures follow the data, not the class."""
         return self.data_root.name
 
+    def available_categories(self) -> list[str]:
+        """Every category of the data set found under :attr:`data_root`, sorted.
+
+        Raises:
+            FileNotFoundError: If the data set is missing or holds no category; the message names the path.
+        """
+        raise NotImplementedError
+
+    def is_category(self, category: str) -> bool:
+        """Whether ``category`` may be requested (its samples then say what is missing in it)."""
+        return category in self.available_categories()
+
+    def category_samples(self, category: str) -> pd.DataFrame:
+        """One category's sample table (see :func:`~anomalib_vqflow.data.dataset.make_category_samples`)."""
+        raise NotImplementedError
+
     @property
     def categories(self) -> list[str]:
-        """The categories this datamodule loads, checked against the folder."""
+        """The categories this datamodule loads, checked against the data set."""
         if self._requested_categories is None:
-            return discover_categories(self.data_root)
-        # A requested folder without train/good is reported by the sample builder, which names that path.
-        unknown = [c for c in self._requested_categories if not (self.data_root / c).is_dir()]
+            return self.available_categories()
+        unknown = [c for c in self._requested_categories if not self.is_category(c)]
         if unknown:
-            available = discover_categories(self.data_root)
-            msg = f"Unknown categories {unknown} under {self.data_root}; available: {available}."
+            msg = f"Unknown categories {unknown} under {self.data_root}; available: {self.available_categories()}."
             raise FileNotFoundError(msg)
         return self._requested_categories
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets and attach the per-category evaluator to the run."""
+        super().setup(stage)
+        if self.per_category_table and self.trainer is not None:
+            attach_unified_evaluator(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches in an order that a resumed run repeats (see :class:`EpochShuffleSampler`)."""
@@ -184,8 +216,8 @@ class MultiClassMVTecAD(AnomalibDataModule):
 
     def _setup(self, _stage: str | None = None) -> None:
         categories = self.categories
-        self.train_data = MultiClassDataset(self.data_root, categories, split=Split.TRAIN)
-        self.test_data = MultiClassDataset(self.data_root, categories, split=Split.TEST)
+        self.train_data = MultiClassDataset(self.data_root, categories, Split.TRAIN, self.category_samples)
+        self.test_data = MultiClassDataset(self.data_root, categories, Split.TEST, self.category_samples)
         logger.info(
             "Unified data over %d categories: %d training and %d test images.",
             len(categories),
@@ -194,6 +226,61 @@ class MultiClassMVTecAD(AnomalibDataModule):
         )
         if self.val_split_mode == ValSplitMode.FROM_TRAIN:
             announce_good_validation()
+
+
+def attach_unified_evaluator(trainer: Trainer) -> None:
+    """Put a :class:`~anomalib_vqflow.evaluation.UnifiedEvaluator` first among ``trainer``'s callbacks, if it has none.
+
+    First, because Lightning calls callbacks in list order and the model's post-processor, which
+    normalises and clamps the scores, is among them.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        >>> attach_unified_evaluator(trainer)
+        >>> attach_unified_evaluator(trainer)  # once only
+        >>> [type(callback).__name__ for callback in trainer.callbacks].count("UnifiedEvaluator")
+        1
+        >>> type(trainer.callbacks[0]).__name__
+        'UnifiedEvaluator'
+    """
+    from anomalib_vqflow.evaluation import UnifiedEvaluator
+
+    if not any(isinstance(callback, UnifiedEvaluator) for callback in trainer.callbacks):
+        trainer.callbacks.insert(0, UnifiedEvaluator())
+
+
+class MultiClassMVTecAD(MultiClassDataModule):
+    """One datamodule over several categories of a folder in MVTec AD layout.
+
+    Args:
+        root: Folder with one sub-folder per category (``<root>/<category>/train/good`` ...).
+        categories: Categories to use; ``None`` uses every folder under ``root`` that has
+            ``train/good``.
+        **kwargs: The arguments of :class:`MultiClassDataModule` (batch sizes, workers, splits, ``seed``).
+
+    Example:
+        >>> datamodule = MultiClassMVTecAD(root="./datasets/MVTecAD", categories=["bottle", "cable"])
+        >>> datamodule.name, datamodule.category
+        ('MVTecAD', 'unified')
+    """
+
+    def __init__(
+        self, root: str | Path = "./datasets/MVTecAD", categories: Sequence[str] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(root=root, categories=categories, **kwargs)
+
+    def available_categories(self) -> list[str]:
+        """List the folders under :attr:`data_root` that have ``train/good``."""
+        return discover_categories(self.data_root)
+
+    def is_category(self, category: str) -> bool:
+        """Any folder: one without ``train/good`` is reported by the sample builder, which names that path."""
+        return (self.data_root / category).is_dir()
+
+    def category_samples(self, category: str) -> pd.DataFrame:
+        """Read the category folder's samples in MVTec AD layout."""
+        return make_category_samples(self.data_root, category)
 
 
 _F1_THRESHOLD_LOGGER = "anomalib.metrics.threshold.f1_adaptive_threshold"
