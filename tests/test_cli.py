@@ -20,6 +20,17 @@ def test_configs_prints_the_packaged_folder(capsys) -> None:
     assert capsys.readouterr().out.strip() == str(CONFIG_DIR)
 
 
+def test_weights_caches_the_packaged_weights_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert main(["weights", "tf_efficientnet_lite0"]) == 0
+    (written,) = tmp_path.rglob("model.safetensors")
+    assert str(written) in capsys.readouterr().out
+    assert main(["weights", "tf_efficientnet_lite0"]) == 0
+    assert "already in the Hugging Face cache" in capsys.readouterr().out
+
+
 def test_demo_trains_tests_exports_and_scores(tmp_path: Path) -> None:
     environment = {**os.environ, "ANOMALIB_VQFLOW_DEMO_ROOT": str(tmp_path / "demo"), "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(

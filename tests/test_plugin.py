@@ -12,6 +12,7 @@ from anomalib.models import get_model, list_models
 from PIL import Image
 
 import anomalib_vqflow
+from anomalib_vqflow.components.weights import cache_packaged_weights
 from anomalib_vqflow.models import MsFlow, VqFlow
 
 pytestmark = pytest.mark.slow
@@ -265,3 +266,45 @@ def test_switched_off_plugin_keeps_full_class_paths(tmp_path: Path) -> None:
     full = _run([ANOMALIB, "train", "--model", "anomalib_vqflow.models.MsFlow", "--print_config"], env=env)
     assert full.returncode == 0, full.stderr[-2000:]
     assert "anomalib_vqflow.models.MsFlow" in full.stdout
+
+
+# Anomalib's built-in models on the packaged lite0 weights, each tapping the stages at the strides its
+# paper taps on a ResNet (see benchmarks/baselines.py), at the demo images' own 64 px.
+BUILTIN_MODEL_ARGUMENTS = {
+    "Padim": ["--model.layers", "[blocks.1, blocks.2, blocks.4]", "--model.n_features", "100"],
+    "Patchcore": ["--model.layers", "[blocks.2, blocks.4]", "--model.coreset_sampling_ratio", "0.1"],
+    "Stfpm": ["--model.layers", "[blocks.1, blocks.2, blocks.4]"],
+    # Fibres: 64 px at stride 32 leaves 2 x 2 per image, fewer than its default 64 per step.
+    "Cflow": ["--model.layers", "[blocks.2, blocks.4, blocks.6]", "--model.fiber_batch_size", "16"],
+}
+
+
+@pytest.fixture(scope="module")
+def packaged_hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face cache holding the packaged lite0 weights, where the built-in models' timm looks."""
+    cache = tmp_path_factory.mktemp("hub")
+    cache_packaged_weights("tf_efficientnet_lite0", cache_dir=cache)
+    return cache
+
+
+@pytest.mark.parametrize("model", sorted(BUILTIN_MODEL_ARGUMENTS))
+def test_builtin_model_gets_the_per_category_table_from_the_stock_command(
+    demo_root: Path, tmp_path: Path, packaged_hub_cache: Path, model: str
+) -> None:
+    small_pre_processor = json.loads(json.dumps(SMALL_PRE_PROCESSOR).replace("128", "64"))
+    command = [ANOMALIB, "train", "--model", model, "--model.backbone", "tf_efficientnet_lite0"]
+    command += [*BUILTIN_MODEL_ARGUMENTS[model], "--model.pre_processor", json.dumps(small_pre_processor)]
+    command += ["--data", "MultiClassMVTecAD", *_data_arguments(demo_root), "--trainer.max_epochs", "1"]
+    command += ["--default_root_dir", str(tmp_path)]
+    result = _run(command, env={"HF_HUB_CACHE": str(packaged_hub_cache), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (table_file,) = tmp_path.rglob("metrics_per_category.csv")
+    assert table_file.parent.parent.name == "unified", "the table goes into the versioned run folder"
+    table = pd.read_csv(table_file, index_col=0)
+    assert list(table.index) == ["brick", "coffee", "mean", "pooled"]
+    assert table.loc["mean", "image_AUROC"] == pytest.approx(table.loc[["brick", "coffee"], "image_AUROC"].mean())
+    printed = {line.split()[0] for line in result.stdout.splitlines() if line.split()}
+    assert {"brick", "coffee", "mean", "pooled"} <= printed, "the table is printed"
+    # Anomalib's own evaluator keeps its metrics; the plugin's go under unified/ next to them.
+    assert "│        image_AUROC " in result.stdout or " image_AUROC " in result.stdout
+    assert "unified/brick/image_AUROC" in result.stdout

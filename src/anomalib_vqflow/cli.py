@@ -8,6 +8,10 @@ exported model alone and save pictures of their anomaly maps.
 ``anomalib-vqflow configs`` prints the folder of the packaged configs
 (``configs/model/<name>.yaml`` and ``<name>_cpu.yaml``), for ``anomalib train --config``.
 
+``anomalib-vqflow weights tf_efficientnet_lite0`` puts the packaged ImageNet weights where
+Anomalib's built-in models (PaDiM, PatchCore, STFPM, ...) look for them, so that they run offline
+(:func:`~anomalib_vqflow.components.weights.cache_packaged_weights`).
+
 Training, testing and exporting otherwise go through the stock command, which sees the
 plugin's models and datamodules by their short names::
 
@@ -147,9 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--output", type=Path, default=Path("results"), help="results folder (default: ./results)")
     demo.add_argument("--max-epochs", type=int, default=None, help="override the config's max_epochs")
     commands.add_parser("configs", help="print the folder of the packaged configs")
+    weights = commands.add_parser("weights", help="cache packaged backbone weights for Anomalib's built-in models")
+    weights.add_argument("backbones", nargs="+", help="tf_efficientnet_lite0, tf_efficientnet_lite1 or ..._lite2")
     args = parser.parse_args(argv)
     if args.command == "configs":
         print(CONFIG_DIR)
+        return 0
+    if args.command == "weights":
+        from anomalib_vqflow.components.weights import cache_packaged_weights
+
+        for backbone in args.backbones:
+            written = cache_packaged_weights(backbone)
+            print(f"{backbone}: {written or 'already in the Hugging Face cache'}")
         return 0
     run_folder = run_demo(args.output, model_name=args.model, max_epochs=args.max_epochs)
     print(f"Done. Results, metrics tables and pictures: {run_folder}")

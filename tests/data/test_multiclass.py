@@ -204,3 +204,20 @@ def test_training_order_depends_on_seed_and_epoch_only(root: Path) -> None:
     other_seed = MultiClassMVTecAD(root=root, train_batch_size=2, num_workers=0, seed=4)
     other_seed.setup()
     assert _training_order(other_seed) != first
+
+
+@pytest.mark.parametrize("per_category_table", [True, False])
+def test_setup_attaches_the_per_category_evaluator_once_unless_turned_off(root: Path, per_category_table: bool) -> None:
+    from lightning.pytorch import Trainer
+
+    from anomalib_vqflow.evaluation import UnifiedEvaluator
+
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    datamodule = MultiClassMVTecAD(root=root, num_workers=0, per_category_table=per_category_table)
+    datamodule.trainer = trainer
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    evaluators = [callback for callback in trainer.callbacks if isinstance(callback, UnifiedEvaluator)]
+    assert len(evaluators) == int(per_category_table)
+    if per_category_table:
+        assert trainer.callbacks[0] is evaluators[0], "ahead of the model's post-processor"

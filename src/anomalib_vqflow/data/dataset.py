@@ -75,16 +75,39 @@ class CategoryImageBatch(ImageBatch):
     category: list[str] | None = None
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS)
+def image_files(folder: Path, extensions: Sequence[str] = IMG_EXTENSIONS, recursive: bool = False) -> list[Path]:
+    """List the image files in ``folder`` (and its sub-folders if ``recursive``), sorted; extensions in any case."""
+    suffixes = {extension.lower() for extension in extensions}
+    paths = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(path for path in paths if path.is_file() and path.suffix.lower() in suffixes)
 
 
-def _find_mask(mask_folder: Path, image_path: Path) -> Path | None:
+def require_images(
+    folder: Path, problem: str, extensions: Sequence[str] = IMG_EXTENSIONS, recursive: bool = False
+) -> list[Path]:
+    """List :func:`image_files` of ``folder``; raise a ``FileNotFoundError`` saying ``problem`` if there is none."""
+    if not folder.is_dir() or not (files := image_files(folder, extensions, recursive)):
+        msg = f"{problem}: expected image files in {folder}."
+        raise FileNotFoundError(msg)
+    return files
+
+
+def find_mask(mask_folder: Path, image_path: Path) -> Path | None:
+    """Return the mask of ``image_path`` in ``mask_folder``: the image named ``<stem>_mask.*``, else ``<stem>.*``."""
     for suffix in _MASK_SUFFIXES:
         for candidate in sorted(mask_folder.glob(f"{image_path.stem}{suffix}.*")):
             if candidate.suffix.lower() in IMG_EXTENSIONS:
                 return candidate
     return None
+
+
+def require_mask(mask_folder: Path, image_path: Path) -> Path:
+    """Return :func:`find_mask`'s mask; if there is none, raise a ``ValueError`` naming the image and mask."""
+    mask = find_mask(mask_folder, image_path)
+    if mask is None:
+        msg = f"Defect image {image_path} has no mask in {mask_folder} (expected {image_path.stem}_mask.png)."
+        raise ValueError(msg)
+    return mask
 
 
 def discover_categories(root: str | Path) -> list[str]:
@@ -119,31 +142,22 @@ def make_category_samples(root: str | Path, category: str) -> pd.DataFrame:
     if not category_root.is_dir():
         msg = f"Unknown category {category!r}: folder {category_root} does not exist."
         raise FileNotFoundError(msg)
-    train_good = category_root / "train" / "good"
-    if not train_good.is_dir() or not _image_files(train_good):
-        msg = f"Category {category!r} has no training images: expected image files in {train_good}."
-        raise FileNotFoundError(msg)
-
+    train_good = require_images(category_root / "train" / "good", f"Category {category!r} has no training images")
     rows: list[tuple[str, str, str, str, int]] = [
-        ("train", "good", str(path), "", LabelName.NORMAL) for path in _image_files(train_good)
+        ("train", "good", str(path), "", LabelName.NORMAL) for path in train_good
     ]
     test_root = category_root / "test"
     defect_folders = sorted(path for path in test_root.iterdir() if path.is_dir()) if test_root.is_dir() else []
     for folder in defect_folders:
         label_index = LabelName.NORMAL if folder.name == "good" else LabelName.ABNORMAL
         mask_folder = category_root / "ground_truth" / folder.name
-        for image_path in _image_files(folder):
+        for image_path in image_files(folder):
             mask_path = ""
             if label_index == LabelName.ABNORMAL and mask_folder.is_dir():
-                mask = _find_mask(mask_folder, image_path)
-                if mask is None:
-                    expected = f"{image_path.stem}_mask.png"
-                    msg = f"Defect image {image_path} has no mask in {mask_folder} (expected {expected})."
-                    raise ValueError(msg)
-                mask_path = str(mask)
+                mask_path = str(require_mask(mask_folder, image_path))
             rows.append(("test", folder.name, str(image_path), mask_path, label_index))
 
-    samples = pd.DataFrame(rows, columns=["split", "label", "image_path", "mask_path", "label_index"])
+    samples = sample_table(rows, category, category_root)
     defects = samples[samples.label_index == LabelName.ABNORMAL]
     unannotated = sorted(set(defects.label[defects.mask_path == ""]))
     if unannotated and (defects.mask_path != "").any():
@@ -155,7 +169,21 @@ def make_category_samples(root: str | Path, category: str) -> pd.DataFrame:
             category_root / "ground_truth",
         )
         samples["mask_path"] = ""
-    samples.insert(0, "path", str(category_root))
+    return samples
+
+
+def sample_table(rows: Sequence[tuple[str, str, str, str, int]], category: str, path: str | Path) -> pd.DataFrame:
+    """Build a category's sample table from ``(split, label, image_path, mask_path, label_index)`` rows.
+
+    Anomalib's columns (``path, split, label, image_path, mask_path, label_index``) plus ``category``;
+    ``path`` is the category's folder, ``mask_path`` is ``""`` where there is no mask.
+
+    Example:
+        >>> sample_table([("train", "good", "a/train/good/0.png", "", 0)], "a", "a").columns.tolist()
+        ['path', 'split', 'label', 'image_path', 'mask_path', 'label_index', 'category']
+    """
+    samples = pd.DataFrame(rows, columns=["split", "label", "image_path", "mask_path", "label_index"])
+    samples.insert(0, "path", str(path))
     samples["category"] = category
     samples["label_index"] = samples["label_index"].astype(int)
     return samples
