@@ -10,27 +10,30 @@ the strides its paper taps on a ResNet (PaDiM and STFPM ``layer1-3``: 4, 8, 16; 
 models (PatchCore without its centre crop). Fastflow builds only ResNet-18, Wide-ResNet-50 and two
 vision transformers; it gets ``resnet18`` from the Hub, and is unavailable without network.
 
+Every other Anomalib image model (Dinomaly, INP-Former, UniNet, EfficientAd, ...) is built by its
+:func:`builtin_image_models` name with its own defaults (backbone, weights, input size), so a user
+with network can run it next to the plugin's models; without network its weights cannot be fetched,
+and it is reported as unavailable with the reason.
+
     >>> model = build_baseline("padim", image_size=64)
     >>> type(model).__name__, model.model.feature_extractor.layers
     ('Padim', ['blocks.1', 'blocks.2', 'blocks.4'])
+    >>> sorted(builtin_image_models())[:3]
+    ['anomalydino', 'anomalyvfm', 'cfa']
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import anomalib.models.image
 import timm
-from anomalib.models import AnomalibModule, Cflow, Fastflow, Padim, Patchcore, Stfpm
+from anomalib.models import AnomalibModule
 
 from anomalib_vqflow.components.weights import OFFLINE_BACKBONES, cache_packaged_weights
 
-BASELINES: dict[str, type[AnomalibModule]] = {
-    "padim": Padim,
-    "patchcore": Patchcore,
-    "cflow": Cflow,
-    "fastflow": Fastflow,
-    "stfpm": Stfpm,
-}
+# The models the plugin puts on its offline backbone; every other one keeps its own.
 BASELINE_STRIDES = {"padim": (4, 8, 16), "patchcore": (8, 16), "cflow": (8, 16, 32), "stfpm": (4, 8, 16)}
 FASTFLOW_BACKBONE = "resnet18"
 
@@ -50,40 +53,70 @@ def stage_names(backbone: str, strides: tuple[int, ...]) -> list[str]:
     return [deepest[stride] for stride in strides]
 
 
-def baseline_backbone(name: str, backbone: str) -> str:
-    """The backbone ``name`` is built on when ``backbone`` is asked for (Fastflow's own, if it cannot take it)."""
-    return FASTFLOW_BACKBONE if name == "fastflow" else backbone
+def builtin_image_models() -> dict[str, type[AnomalibModule]]:
+    """Anomalib's image models by key: the class name in lower case (``padim``, ``efficientad``, ``inpformer``)."""
+    return {name.lower(): getattr(anomalib.models.image, name) for name in anomalib.models.image.__all__}
+
+
+def baseline_backbone(name: str, backbone: str) -> str | None:
+    """The backbone ``name`` is built on when ``backbone`` is asked for; ``None`` where the model keeps its own.
+
+    Fastflow gets its own ResNet-18 (it builds no other CNN).
+    """
+    if name == "fastflow":
+        return FASTFLOW_BACKBONE
+    return backbone if name in BASELINE_STRIDES else None
 
 
 def build_baseline(
     name: str, backbone: str = "tf_efficientnet_lite0", image_size: int = 256, **model_arguments: Any
 ) -> AnomalibModule:
-    """Anomalib's ``name`` model on ``backbone`` with ImageNet weights, at ``image_size``.
+    """Anomalib's ``name`` model (a :func:`builtin_image_models` key) with ImageNet weights.
 
-    ``model_arguments`` go to the model's constructor (``coreset_sampling_ratio=0.01``,
-    ``post_processor=False``, say).
+    PaDiM, PatchCore, CFLOW, STFPM and Fastflow get ``backbone`` (Fastflow its own) and
+    ``image_size``; every other model keeps its own backbone and input size. ``model_arguments`` go
+    to the model's constructor (``coreset_sampling_ratio=0.01``, ``post_processor=False``, say).
 
     Raises:
-        ValueError: For another model name.
-        BaselineUnavailableError: If the backbone's weights are neither packaged nor downloadable.
+        ValueError: For a name that is not an Anomalib image model.
+        BaselineUnavailableError: If the model's weights are neither packaged nor downloadable.
     """
-    if name not in BASELINES:
-        msg = f"Unknown baseline {name!r}; available: {sorted(BASELINES)}."
+    models = builtin_image_models()
+    if name not in models:
+        msg = f"Unknown Anomalib image model {name!r}; available: {sorted(models)}."
         raise ValueError(msg)
+    model_class = models[name]
+    arguments: dict[str, Any] = {}
     backbone = baseline_backbone(name, backbone)
-    if backbone in OFFLINE_BACKBONES:
-        cache_packaged_weights(backbone)
-    arguments: dict[str, Any] = {"backbone": backbone}
-    if name in BASELINE_STRIDES:
-        arguments["layers"] = stage_names(backbone, BASELINE_STRIDES[name])
-    if name == "padim":
-        # 100 of the 176 lite0 channels, PaDiM's choice for ResNet-18 (Anomalib has no default for other backbones).
-        arguments["n_features"] = 100
-    model_class = BASELINES[name]
-    arguments["pre_processor"] = model_class.configure_pre_processor(image_size=(image_size, image_size))
+    if backbone is not None:
+        if backbone in OFFLINE_BACKBONES:
+            cache_packaged_weights(backbone)
+        arguments["backbone"] = backbone
+        if name in BASELINE_STRIDES:
+            arguments["layers"] = stage_names(backbone, BASELINE_STRIDES[name])
+        if name == "padim":
+            # 100 of the 176 lite0 channels, PaDiM's choice for ResNet-18 (Anomalib has no default for other backbones).
+            arguments["n_features"] = 100
+        arguments["pre_processor"] = model_class.configure_pre_processor(image_size=(image_size, image_size))
     try:
         return model_class(**arguments, **model_arguments)
     except OSError as err:
-        # huggingface_hub's offline and HTTP errors are OSErrors.
-        msg = f"{model_class.__name__} needs ImageNet weights for {backbone!r} from the Hugging Face Hub: {err}"
+        # huggingface_hub's offline and HTTP errors and urllib's are OSErrors.
+        weights = backbone or default_backbone(model_class)
+        what = f"the pretrained weights of {weights!r}" if weights else "its pretrained weights"
+        msg = f"{model_class.__name__} needs {what} from the network (Hugging Face Hub or a URL): {err}"
         raise BaselineUnavailableError(msg) from err
+
+
+def default_backbone(model_class: type[AnomalibModule]) -> str | None:
+    """The backbone a built-in model builds by default, to name in messages (``None`` if it has no such argument).
+
+    >>> from anomalib.models import Dinomaly
+    >>> default_backbone(Dinomaly)
+    'vit_base_patch14_reg4_dinov2'
+    """
+    parameters = inspect.signature(model_class.__init__).parameters
+    for name in ("backbone", "encoder_name", "teacher_backbone", "rgb_backbone"):
+        if name in parameters and isinstance(parameters[name].default, str):
+            return parameters[name].default
+    return None

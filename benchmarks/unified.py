@@ -11,9 +11,11 @@ Rules, the same for every model and written into the output:
 - the same categories, input size (``--image-size``, the ``_cpu`` configs' 256), training images
   and seed; the validation split comes from good training images, never from the test set;
 - the plugin's models use their packaged config (``configs/model/<name>_cpu.yaml``, or the
-  paper's with ``--variant paper``); Anomalib's models use their defaults on the offline backbone
-  (``--backbone``) through :mod:`baselines`, the data settings of the VqFlow config, and the same
-  epoch cap (``--max-epochs``, by default that config's);
+  paper's with ``--variant paper``); PaDiM, PatchCore, CFLOW and STFPM use their defaults on the
+  offline backbone (``--backbone``) through :mod:`baselines`, any other Anomalib image model
+  (``--models Dinomaly``, by class or ``list_models()`` name) its own defaults and weights; all with
+  the data settings of the VqFlow config and the same epoch cap (``--max-epochs``, by default that
+  config's). A model whose weights cannot be fetched is listed as not run, with the reason;
 - training budget: at most ``--fit-minutes`` of training wall time per model (``0``: none), or
   the epoch cap, whichever ends first; PaDiM and PatchCore need one pass over the data;
 - the last weights are tested once: no epoch, threshold or setting is chosen on test results.
@@ -58,7 +60,6 @@ from anomalib_vqflow.data.dataset import make_category_samples
 from anomalib_vqflow.evaluation.per_category import SUMMARY_ROWS, MetricsTable
 
 PLUGIN_MODELS = {"vqflow": "vq_flow", "msflow": "ms_flow", "hgad": "hgad", "uniad": "uni_ad"}
-BUILTIN_MODELS = ("patchcore", "padim", "cflow", "fastflow", "stfpm")
 DEFAULT_MODELS = ["VqFlow", "MsFlow", "Hgad", "UniAd", "Patchcore", "Padim", "Cflow", "Fastflow", "Stfpm"]
 # PatchCore's greedy coreset picks one patch per pass over all training patches (~1,000 per image at 256 px; a pass
 # takes 0.5 s on a 2-core CPU for ~900 images): its default 10% would take hours there, 0.1% takes about 8 minutes.
@@ -154,12 +155,16 @@ def data_roots(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
 def parse_model_entry(entry: str) -> tuple[str, dict[str, Any]]:
     """``"Hgad:labels=dataset,num_components=5"`` -> ``("hgad", {"labels": "dataset", "num_components": 5})``.
 
-    The name is case-insensitive and may be written with or without underscores (``VqFlow``, ``vq_flow``).
+    The name is a plugin model or any Anomalib image model, by class name or ``list_models()`` name,
+    case-insensitive, with or without underscores (``VqFlow``, ``vq_flow``, ``Dinomaly``, ``inp_former``).
     """
+    from baselines import builtin_image_models
+
     name, _, arguments = entry.partition(":")
     key = name.lower().replace("_", "")
-    if key not in PLUGIN_MODELS and key not in BUILTIN_MODELS:
-        msg = f"Unknown model {name!r} in {entry!r}; known: {DEFAULT_MODELS}."
+    if key not in PLUGIN_MODELS and key not in builtin_image_models():
+        known = sorted({*PLUGIN_MODELS.values(), *builtin_image_models()})
+        msg = f"Unknown model {name!r} in {entry!r}; the plugin's and Anomalib's image models: {known}."
         raise ValueError(msg)
     overrides = {}
     for assignment in filter(None, arguments.split(",")):
@@ -218,7 +223,8 @@ def build_model(settings: RunSettings) -> tuple[Any, dict[str, Any], dict[str, A
             **arguments,
         )
         trainer = {"max_epochs": flagship["trainer"]["max_epochs"]}
-        record = {"anomalib_model": type(model).__name__, "backbone": baseline_backbone(key, settings.backbone)}
+        backbone = baseline_backbone(key, settings.backbone) or "the model's own"
+        record = {"anomalib_model": type(model).__name__, "backbone": backbone}
         record["arguments"] = arguments
     if settings.max_epochs is not None:
         trainer["max_epochs"] = settings.max_epochs
@@ -533,8 +539,9 @@ def rules(args: argparse.Namespace) -> list[str]:
         f"- Config variant `{args.variant}`; input {args.image_size} px; seeds {args.seeds}.",
         f"- Training budget per model: {budget}, or the epoch cap, whichever ends first. Epoch cap: the "
         f"plugin's models their config's max_epochs; Anomalib's models {epochs}. PaDiM and PatchCore: one pass.",
-        f"- Anomalib's models: their defaults on `{args.backbone}` with ImageNet weights "
-        f"(Fastflow only builds ResNets and ViTs: `resnet18`), overrides {BUILTIN_OVERRIDES}, no post-processor.",
+        f"- PaDiM, PatchCore, CFLOW, STFPM: their defaults on `{args.backbone}` with ImageNet weights "
+        f"(Fastflow only builds ResNets and ViTs: `resnet18`); other Anomalib models: their own defaults; "
+        f"overrides {BUILTIN_OVERRIDES}, no post-processor.",
         "- Validation split: good training images. The last weights are tested once; metrics from raw scores.",
         f"- Test images of the `--roots` categories: {HALF_RULES[args.test_half]}",
         *(

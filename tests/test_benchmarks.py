@@ -25,13 +25,19 @@ pytestmark = pytest.mark.slow
         ("vq_flow", ("vqflow", {})),
         ("Patchcore:coreset_sampling_ratio=0.05", ("patchcore", {"coreset_sampling_ratio": 0.05})),
         ("hgad:labels=dataset,num_components=5", ("hgad", {"labels": "dataset", "num_components": 5})),
+        ("Dinomaly", ("dinomaly", {})),
+        ("inp_former", ("inpformer", {})),
+        ("EfficientAd:model_size=m", ("efficientad", {"model_size": "m"})),
     ],
 )
 def test_model_entries(entry: str, expected: tuple) -> None:
     assert parse_model_entry(entry) == expected
 
 
-@pytest.mark.parametrize(("entry", "message"), [("Efficientad", "Unknown model 'Efficientad'"), ("Padim:n", "n")])
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [("Efficientadd", "Unknown model 'Efficientadd'"), ("ai_vad", "Unknown model 'ai_vad'"), ("Padim:n", "n")],
+)
 def test_bad_model_entries_are_named(entry: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_model_entry(entry)
@@ -64,10 +70,11 @@ def test_several_seeds_give_mean_and_sample_spread() -> None:
 def test_unified_benchmark_compares_plugin_and_anomalib_models(demo_root: Path, tmp_path: Path) -> None:
     output = tmp_path / "benchmark"
     command = [sys.executable, str(BENCHMARKS / "unified.py"), "--roots", str(demo_root)]
-    command += ["--models", "MsFlow", "Padim", "Fastflow", "--max-epochs", "2", "--fit-minutes", "0"]
+    command += ["--models", "MsFlow", "Padim", "Fastflow", "Dinomaly", "--max-epochs", "2", "--fit-minutes", "0"]
     command += ["--curve-epochs", "1"]
     command += ["--image-size", "64", "--output", str(output)]
-    # Offline, with an empty Hub cache: Padim gets the packaged lite0 weights, Fastflow's ResNet-18 is unavailable.
+    # Offline, with an empty Hub cache: Padim gets the packaged lite0 weights; Fastflow's ResNet-18 and Dinomaly's
+    # DINOv2 are unavailable.
     environment = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -79,9 +86,12 @@ def test_unified_benchmark_compares_plugin_and_anomalib_models(demo_root: Path, 
 
     summary = json.loads((output / "results.json").read_text())
     runs = {run["model"]: run for run in summary["results"]}
-    assert set(runs) == {"MsFlow", "Padim", "Fastflow"}
+    assert set(runs) == {"MsFlow", "Padim", "Fastflow", "Dinomaly"}
     assert "resnet18" in runs["Fastflow"]["skipped"]
+    assert "Dinomaly needs the pretrained weights of" in runs["Dinomaly"]["skipped"]
+    assert "vit_base_patch14_reg4_dinov2" in runs["Dinomaly"]["skipped"]
     assert "table" not in runs["Fastflow"]
+    assert "table" not in runs["Dinomaly"]
     for name in ("MsFlow", "Padim"):
         run = runs[name]
         assert set(run["table"]["rows"]) == {"brick", "coffee", "mean", "pooled"}
@@ -118,6 +128,7 @@ def test_unified_benchmark_compares_plugin_and_anomalib_models(demo_root: Path, 
     assert "## Quality against training time (%)" in markdown
     assert "## Rules" in markdown
     assert "Fastflow (seed 9826)" in markdown
+    assert "Dinomaly (seed 9826)" in markdown
     assert "| Padim |" in markdown
     with Image.open(output / "anomaly_maps.png") as grid, Image.open(output / "image_auroc_per_category.png") as bars:
         assert grid.width > grid.height > 0

@@ -1,8 +1,6 @@
 """The plugin inside Anomalib: short names in the stock `anomalib` command, list_models(), and the switch."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,16 +12,11 @@ from PIL import Image
 import anomalib_vqflow
 from anomalib_vqflow.components.weights import cache_packaged_weights
 from anomalib_vqflow.models import MsFlow, VqFlow
+from stock_command import ANOMALIB, run_anomalib, small_model_arguments, small_pre_processor
 
 pytestmark = pytest.mark.slow
 
-ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 CONFIGS = Path(anomalib_vqflow.__file__).parent / "configs"
-
-
-def _run(arguments: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(arguments, capture_output=True, text=True, env=environment, timeout=600, check=False)
 
 
 def test_list_models_and_get_model_see_the_plugin() -> None:
@@ -35,94 +28,20 @@ def test_list_models_and_get_model_see_the_plugin() -> None:
 
 
 def test_autoload_hook_imports_nothing_heavy() -> None:
-    result = _run([sys.executable, "-c", "import sys; print('torch' in sys.modules, 'anomalib' in sys.modules)"])
+    result = run_anomalib(
+        [sys.executable, "-c", "import sys; print('torch' in sys.modules, 'anomalib' in sys.modules)"]
+    )
     assert result.stdout.split() == ["False", "False"], result.stderr
-    result = _run([sys.executable, "-c", "import anomalib.cli.cli, sys; print('anomalib_vqflow' in sys.modules)"])
+    result = run_anomalib(
+        [sys.executable, "-c", "import anomalib.cli.cli, sys; print('anomalib_vqflow' in sys.modules)"]
+    )
     assert result.stdout.split()[-1] == "True", result.stderr
 
 
 def test_autoload_can_be_switched_off() -> None:
     code = "import anomalib.cli.cli, sys; print('anomalib_vqflow' in sys.modules)"
-    result = _run([sys.executable, "-c", code], env={"ANOMALIB_VQFLOW_AUTOLOAD": "0"})
+    result = run_anomalib([sys.executable, "-c", code], env={"ANOMALIB_VQFLOW_AUTOLOAD": "0"})
     assert result.stdout.split()[-1] == "False", result.stderr
-
-
-SMALL_MODEL_ARGUMENTS = {
-    "MsFlow": ["--model.num_blocks", "[1, 1, 1]", "--model.condition_channels", "8"],
-    "VqFlow": [
-        "--model.num_blocks",
-        "[1, 1, 1]",
-        "--model.num_prototypes",
-        "4",
-        "--model.prototype_channels",
-        "8",
-        "--model.num_patterns",
-        "8",
-        "--model.position_channels",
-        "8",
-    ],
-    "UniAd": [
-        "--model.hidden_channels",
-        "32",
-        "--model.num_heads",
-        "2",
-        "--model.num_encoder_layers",
-        "1",
-        "--model.num_decoder_layers",
-        "1",
-        "--model.feedforward_channels",
-        "64",
-    ],
-    # The paper's labelled training, so that the categories reach the model through the CLI's datamodule.
-    "Hgad": [
-        "--model.layer",
-        "2",
-        "--model.num_blocks",
-        "1",
-        "--model.position_channels",
-        "8",
-        "--model.labels",
-        "dataset",
-        "--model.num_components",
-        "2",
-        "--model.num_intra_centers",
-        "2",
-        "--model.map_size",
-        "64",
-    ],
-}
-
-
-# The demo images' own 128 px instead of the models' paper sizes (up to 1024 px): the same code paths, a
-# fraction of the time.
-SMALL_PRE_PROCESSOR = {
-    "class_path": "anomalib.pre_processing.PreProcessor",
-    "init_args": {
-        "transform": {
-            "class_path": "torchvision.transforms.v2.Compose",
-            "init_args": {
-                "transforms": [
-                    {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [128, 128]}},
-                    {
-                        "class_path": "torchvision.transforms.v2.Normalize",
-                        "init_args": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-                    },
-                ]
-            },
-        }
-    },
-}
-
-
-def _small_model_arguments(model: str = "MsFlow") -> list[str]:
-    short_name = model.rsplit(".", 1)[-1]
-    return [
-        "--model.backbone",
-        "tf_efficientnet_lite0",
-        *SMALL_MODEL_ARGUMENTS[short_name],
-        "--model.pre_processor",
-        json.dumps(SMALL_PRE_PROCESSOR),
-    ]
 
 
 def _data_arguments(root: Path) -> list[str]:
@@ -145,7 +64,7 @@ def _data_arguments(root: Path) -> list[str]:
 def test_stock_anomalib_command_trains_tests_and_exports(
     demo_root: Path, tmp_path: Path, model: str, data: str, export_types: tuple[str, ...], predicts: bool
 ) -> None:
-    result = _run(
+    result = run_anomalib(
         [
             ANOMALIB,
             "train",
@@ -154,7 +73,7 @@ def test_stock_anomalib_command_trains_tests_and_exports(
             "--data",
             data,
             *_data_arguments(demo_root),
-            *_small_model_arguments(model),
+            *small_model_arguments(model),
             "--trainer.max_epochs",
             "1",
             "--trainer.accelerator",
@@ -188,7 +107,7 @@ def test_stock_anomalib_command_trains_tests_and_exports(
             "--export_root",
             str(export_root),
         ]
-        result = _run(export)
+        result = run_anomalib(export)
         assert result.returncode == 0, result.stderr[-3000:]
         folder = export_root / "weights" / export_type
         assert (folder / model_files[export_type]).is_file()
@@ -211,7 +130,7 @@ def _predict_on_a_folder_with_bad_files(model: str, checkpoint: Path, demo_root:
     (images / "notes.txt").write_text("not an image")
     (folder / "empty").mkdir()
     # The model as trained (Lightning loads the checkpoint's weights into the model the command line builds).
-    predict = [ANOMALIB, "predict", "--model", model, *_small_model_arguments(model), "--model.pre_trained", "false"]
+    predict = [ANOMALIB, "predict", "--model", model, *small_model_arguments(model), "--model.pre_trained", "false"]
     predict += [
         "--ckpt_path",
         str(checkpoint),
@@ -221,7 +140,7 @@ def _predict_on_a_folder_with_bad_files(model: str, checkpoint: Path, demo_root:
         str(folder / "results"),
     ]
 
-    result = _run([*predict, "--data.path", str(images)])
+    result = run_anomalib([*predict, "--data.path", str(images)])
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     for bad in ("sixteen_bit.png", "truncated.png", "notes.txt"):
@@ -229,7 +148,7 @@ def _predict_on_a_folder_with_bad_files(model: str, checkpoint: Path, demo_root:
     written = sorted(path.name for path in (folder / "results").rglob("*.png"))
     assert written == ["grayscale.png", "rgb.png", "rgba.png", "wrong_size.png"], written
 
-    result = _run([*predict, "--data.path", str(folder / "empty")])
+    result = run_anomalib([*predict, "--data.path", str(folder / "empty")])
     assert result.returncode != 0
     # The command line wraps long lines: compare without whitespace.
     expected = f"The folder {folder / 'empty'} holds no file to predict on"
@@ -238,7 +157,7 @@ def _predict_on_a_folder_with_bad_files(model: str, checkpoint: Path, demo_root:
 
 def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:
     """The packaged CPU config, with the data root and a tiny budget overridden on the command line."""
-    result = _run(
+    result = run_anomalib(
         [
             ANOMALIB,
             "train",
@@ -247,7 +166,7 @@ def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:
             "--data",
             "MultiClassMVTecAD",
             *_data_arguments(demo_root),
-            *_small_model_arguments(),
+            *small_model_arguments(),
             "--trainer.max_epochs",
             "1",
             "--default_root_dir",
@@ -260,10 +179,10 @@ def test_yaml_config_with_class_path(demo_root: Path, tmp_path: Path) -> None:
 
 def test_switched_off_plugin_keeps_full_class_paths(tmp_path: Path) -> None:
     env = {"ANOMALIB_VQFLOW_AUTOLOAD": "0"}
-    short = _run([ANOMALIB, "train", "--model", "MsFlow", "--print_config"], env=env)
+    short = run_anomalib([ANOMALIB, "train", "--model", "MsFlow", "--print_config"], env=env)
     assert short.returncode != 0
     assert "MsFlow" in short.stderr
-    full = _run([ANOMALIB, "train", "--model", "anomalib_vqflow.models.MsFlow", "--print_config"], env=env)
+    full = run_anomalib([ANOMALIB, "train", "--model", "anomalib_vqflow.models.MsFlow", "--print_config"], env=env)
     assert full.returncode == 0, full.stderr[-2000:]
     assert "anomalib_vqflow.models.MsFlow" in full.stdout
 
@@ -291,12 +210,12 @@ def packaged_hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_builtin_model_gets_the_per_category_table_from_the_stock_command(
     demo_root: Path, tmp_path: Path, packaged_hub_cache: Path, model: str
 ) -> None:
-    small_pre_processor = json.loads(json.dumps(SMALL_PRE_PROCESSOR).replace("128", "64"))
+    small_pre_processor_json = json.dumps(small_pre_processor(64))
     command = [ANOMALIB, "train", "--model", model, "--model.backbone", "tf_efficientnet_lite0"]
-    command += [*BUILTIN_MODEL_ARGUMENTS[model], "--model.pre_processor", json.dumps(small_pre_processor)]
+    command += [*BUILTIN_MODEL_ARGUMENTS[model], "--model.pre_processor", small_pre_processor_json]
     command += ["--data", "MultiClassMVTecAD", *_data_arguments(demo_root), "--trainer.max_epochs", "1"]
     command += ["--default_root_dir", str(tmp_path)]
-    result = _run(command, env={"HF_HUB_CACHE": str(packaged_hub_cache), "HF_HUB_OFFLINE": "1"})
+    result = run_anomalib(command, env={"HF_HUB_CACHE": str(packaged_hub_cache), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     (table_file,) = tmp_path.rglob("metrics_per_category.csv")
     assert table_file.parent.parent.name == "unified", "the table goes into the versioned run folder"

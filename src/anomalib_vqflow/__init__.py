@@ -11,8 +11,26 @@ Example:
     True
 """
 
-from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, MultiClassVisa
+from anomalib_vqflow.data import (
+    DemoMultiClass,
+    MultiClassFolder,
+    MultiClassMVTecAD,
+    MultiClassMVTecAD2,
+    MultiClassRealIAD,
+    MultiClassVisa,
+)
 from anomalib_vqflow.models import Hgad, MsFlow, UniAd, VqFlow
 
-__all__ = ["DemoMultiClass", "Hgad", "MsFlow", "MultiClassMVTecAD", "MultiClassVisa", "UniAd", "VqFlow"]
+__all__ = [
+    "DemoMultiClass",
+    "Hgad",
+    "MsFlow",
+    "MultiClassFolder",
+    "MultiClassMVTecAD",
+    "MultiClassMVTecAD2",
+    "MultiClassRealIAD",
+    "MultiClassVisa",
+    "UniAd",
+    "VqFlow",
+]
 __version__ = "0.1.0"

@@ -85,7 +85,7 @@ def test_good_validation_is_announced_once_and_anomalibs_repeats_are_dropped(
             anomalib_logger.warning("The validation set does not contain any anomalous images. As a result ...")
             anomalib_logger.warning("Another threshold warning.")
         messages = [record.getMessage() for record in caplog.records]
-        assert sum("Validation uses good training images only" in message for message in messages) == 1
+        assert sum("Validation uses good images only" in message for message in messages) == 1
         assert not any(message.startswith("The validation set does not contain") for message in messages)
         assert "Another threshold warning." in messages
     finally:
@@ -221,3 +221,11 @@ def test_setup_attaches_the_per_category_evaluator_once_unless_turned_off(root: 
     assert len(evaluators) == int(per_category_table)
     if per_category_table:
         assert trainer.callbacks[0] is evaluators[0], "ahead of the model's post-processor"
+
+
+def test_visa_leaves_out_the_empty_folders_of_a_partial_copy(tmp_path: Path) -> None:
+    _make_category(tmp_path / "visa_pytorch", "candle")
+    (tmp_path / "visa_pytorch" / "capsules" / "train" / "good").mkdir(parents=True)
+    datamodule = MultiClassVisa(root=tmp_path, num_workers=0)
+    assert datamodule.categories == ["candle"]
+    assert datamodule.name == tmp_path.name

@@ -1,10 +1,7 @@
 """Real-IAD as a unified datamodule: the release's JSON splits, every sample's label and mask, clear errors."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 from PIL import Image
 
 from anomalib_vqflow.data.realiad import MultiClassRealIAD
+from stock_command import ANOMALIB, run_anomalib, small_model_arguments
 
 CATEGORIES = ("audiojack", "toy_brick")
 VIEWS = ("C1", "C2")
@@ -164,6 +162,24 @@ def test_official_readme_layout_without_the_extra_folder(root: Path) -> None:
         assert len(datamodule.category_samples("audiojack")) == (12 if setting == "multi_view" else 6)
 
 
+def test_fuiad_defective_training_images_are_given_as_normal(root: Path) -> None:
+    content = json.loads((root / "realiad_jsons" / "realiad_jsons" / "audiojack.json").read_text())
+    noise = [entry for entry in content["test"] if entry["anomaly_class"] == "HS"]
+    content["train"] += noise
+    content["test"] = [entry for entry in content["test"] if entry not in noise]
+    folder = root / "realiad_jsons" / "realiad_jsons_fuiad_0.2"
+    folder.mkdir()
+    (folder / "audiojack.json").write_text(json.dumps(content))
+    datamodule = MultiClassRealIAD(root=root, setting="fuiad_0.2")
+    assert datamodule.categories == ["audiojack"]
+    samples = datamodule.category_samples("audiojack")
+    training = samples[samples.split == "train"]
+    assert (training.anomaly_class == "HS").sum() == 2
+    assert (training.label == "good").all()
+    assert (training.label_index == 0).all()
+    assert (training.mask_path == "").all()
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -254,52 +270,16 @@ def test_corrupt_image_names_the_file(root: Path) -> None:
         datamodule.test_data[index]
 
 
-# The plugin's smallest VqFlow (see tests/test_plugin.py), on 32 px images.
-VQFLOW_TINY = [
-    "--model.backbone",
-    "tf_efficientnet_lite0",
-    "--model.num_blocks",
-    "[1, 1, 1]",
-    "--model.num_prototypes",
-    "4",
-    "--model.prototype_channels",
-    "8",
-    "--model.num_patterns",
-    "8",
-    "--model.position_channels",
-    "8",
-]
-SMALL_PRE_PROCESSOR = {
-    "class_path": "anomalib.pre_processing.PreProcessor",
-    "init_args": {
-        "transform": {
-            "class_path": "torchvision.transforms.v2.Compose",
-            "init_args": {
-                "transforms": [
-                    {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [64, 64]}},
-                    {
-                        "class_path": "torchvision.transforms.v2.Normalize",
-                        "init_args": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-                    },
-                ]
-            },
-        }
-    },
-}
-
-
 @pytest.mark.slow
 def test_stock_anomalib_command_trains_on_real_iad(pristine: tuple[Path, list[dict]], tmp_path: Path) -> None:
     arguments = [
-        str(Path(sys.executable).with_name("anomalib")),
+        ANOMALIB,
         "train",
         "--model",
         "VqFlow",
-        *VQFLOW_TINY,
-        "--model.pre_processor",
-        json.dumps(SMALL_PRE_PROCESSOR),
+        *small_model_arguments("VqFlow", size=64),
         "--data",
-        "anomalib_vqflow.data.realiad.MultiClassRealIAD",
+        "MultiClassRealIAD",
         "--data.root",
         str(pristine[0]),
         "--data.resolution",
@@ -315,8 +295,7 @@ def test_stock_anomalib_command_trains_on_real_iad(pristine: tuple[Path, list[di
         "--default_root_dir",
         str(tmp_path),
     ]
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(arguments, capture_output=True, text=True, env=environment, timeout=600, check=False)
+    result = run_anomalib(arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     (table,) = tmp_path.rglob("metrics_per_category.csv")
     assert {*CATEGORIES, "mean", "pooled"} <= set(pd.read_csv(table, index_col=0).index)

@@ -77,6 +77,11 @@ class MultiClassFolder(MultiClassDataModule):
     Raises:
         ValueError: If ``categories`` is empty, a category has an unknown key or no ``normal_dir``,
             or ``normal_split_ratio`` is not in ``[0, 1)``.
+
+    Example:
+        >>> datamodule = MultiClassFolder({"screw": {"normal_dir": "good", "abnormal_dir": "bad"}}, root="./parts")
+        >>> datamodule.available_categories(), datamodule.name
+        (['screw'], 'parts')
     """
 
     def __init__(

@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 from anomalib.data.datamodules.base.image import AnomalibDataModule
-from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
+from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms.v2 import Transform
@@ -116,6 +116,11 @@ class MultiClassDataModule(AnomalibDataModule):
         val_split_ratio: Share of the training images used for validation.
         seed: Seed of the random splits.
         per_category_table: Attach the per-category evaluator to runs that have none.
+
+    Example:
+        >>> datamodule = MultiClassMVTecAD(root="./datasets/MVTecAD")  # a subclass; any Anomalib model may use it
+        >>> isinstance(datamodule, MultiClassDataModule), datamodule.per_category_table
+        (True, True)
     """
 
     def __init__(
@@ -195,6 +200,9 @@ class MultiClassDataModule(AnomalibDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets and attach the per-category evaluator to the run."""
         super().setup(stage)
+        validation = getattr(self, "val_data", None)
+        if validation is not None and not (validation.samples.label_index == LabelName.ABNORMAL).any():
+            announce_good_validation()
         if self.per_category_table and self.trainer is not None:
             attach_unified_evaluator(self.trainer)
 
@@ -224,8 +232,6 @@ class MultiClassDataModule(AnomalibDataModule):
             len(self.train_data),
             len(self.test_data),
         )
-        if self.val_split_mode == ValSplitMode.FROM_TRAIN:
-            announce_good_validation()
 
 
 def attach_unified_evaluator(trainer: Trainer) -> None:
@@ -303,41 +309,7 @@ def announce_good_validation() -> None:
     """
     logging.getLogger(_F1_THRESHOLD_LOGGER).addFilter(_GoodValidationFilter())
     logger.warning(
-        "Validation uses good training images only (val_split_mode=from_train), so that no test image "
-        "chooses a threshold or an epoch. Anomalib's adaptive threshold therefore takes the highest "
+        "Validation uses good images only (val_split_mode from_train, or a folder of good images), so that "
+        "no test image chooses a threshold or an epoch. Anomalib's adaptive threshold therefore takes the highest "
         "validation score; its warning about this is not repeated every epoch."
     )
-
-
-class MultiClassVisa(MultiClassMVTecAD):
-    """One datamodule over several VisA categories, after Anomalib's one-class split.
-
-    Anomalib's ``Visa`` datamodule downloads VisA and writes the split into
-    ``<root>/visa_pytorch``; this datamodule reuses that preparation and then loads the
-    split folder like :class:`MultiClassMVTecAD`.
-
-    Example:
-        >>> datamodule = MultiClassVisa(root="./datasets/visa", categories=["candle"])
-        >>> datamodule.data_root.as_posix()
-        'datasets/visa/visa_pytorch'
-    """
-
-    def __init__(self, root: str | Path = "./datasets/visa", **kwargs: object) -> None:
-        super().__init__(root=root, **kwargs)
-
-    @property
-    def data_root(self) -> Path:
-        """Folder of the split categories that Anomalib's VisA preparation writes."""
-        return self.root / "visa_pytorch"
-
-    def prepare_data(self) -> None:
-        """Download VisA and apply Anomalib's split where it has not been done yet."""
-        from anomalib.data import Visa
-        from anomalib.data.datasets.image.visa import CATEGORIES
-
-        unknown = sorted(set(self._requested_categories or []) - set(CATEGORIES))
-        if unknown:
-            msg = f"Unknown VisA categories {unknown}; VisA has {list(CATEGORIES)}."
-            raise ValueError(msg)
-        for category in self._requested_categories or [CATEGORIES[0]]:
-            Visa(root=self.root, category=category).prepare_data()

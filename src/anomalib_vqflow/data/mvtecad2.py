@@ -66,6 +66,14 @@ class MultiClassMVTecAD2(MultiClassDataModule):
 
     Raises:
         ValueError: For a ``test_type`` other than ``"public"``.
+
+    Example:
+        >>> MultiClassMVTecAD2(root="./datasets/MVTec_AD_2", categories=["can", "vial"]).name
+        'MVTec_AD_2'
+        >>> MultiClassMVTecAD2(test_type="private")
+        Traceback (most recent call last):
+        ...
+        ValueError: MVTec AD 2's test_type='private' has no labels: ...
     """
 
     def __init__(

@@ -7,7 +7,7 @@ one model on all of them. :class:`MultiClassRealIAD` reads the same JSON files f
 objects, at any of the released resolutions, with the split folder of the chosen setting:
 
 - ``multi_view`` reads ``realiad_jsons``: every image of every view (the paper's multi-view UIAD
-  setting, the authors' ``RealIAD-full`` experiment; Dinomaly's and ADer's Real-IAD runs read it too);
+  setting, the authors' ``RealIAD-full`` experiment; Dinomaly's Real-IAD runs read it too);
 - ``single_view`` reads ``realiad_jsons_sv`` (the paper's single-view UIAD setting, the authors'
   ``RealIAD-C1`` experiment);
 - ``fuiad_0.0`` ... ``fuiad_0.4`` read ``realiad_jsons_fuiad_<ratio>``: fully unsupervised training
