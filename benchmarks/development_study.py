@@ -66,7 +66,8 @@ from anomalib_vqflow.components.scoring import (
 )
 from anomalib_vqflow.data import DemoMultiClass, MultiClassMVTecAD, default_demo_root
 from anomalib_vqflow.data.dataset import MultiClassDataset
-from anomalib_vqflow.evaluation.metrics import aupro, auroc
+from anomalib_vqflow.evaluation.metrics import auroc
+from anomalib_vqflow.evaluation.pixel import aupro
 from anomalib_vqflow.models import Hgad
 from anomalib_vqflow.models.hgad.anomaly_map import anomaly_from_normality
 

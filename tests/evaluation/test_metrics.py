@@ -9,15 +9,9 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torchmetrics.classification import BinaryAUROC
 
-from anomalib_vqflow.evaluation import metrics
-from anomalib_vqflow.evaluation.metrics import (
-    aupro,
-    auroc,
-    average_precision,
-    binary_metrics,
-    f1_max,
-    pixel_metrics,
-)
+from anomalib_vqflow.evaluation import pixel
+from anomalib_vqflow.evaluation.metrics import auroc, average_precision, binary_metrics, f1_max
+from anomalib_vqflow.evaluation.pixel import aupro, pixel_metrics
 
 # Six samples with a tie between a positive and a negative at 0.7.
 SIX_SCORES = [0.9, 0.8, 0.7, 0.7, 0.3, 0.1]
@@ -232,7 +226,7 @@ def test_pro_curve_in_chunks_equals_one_running_sum(chunk, monkeypatch):
     masks[0, 2:6, 3:9] = masks[1, 10:14, 1:4] = masks[2, 0:3, 0:3] = True
     maps = np.round(rng.normal(size=masks.shape) + masks, 1).astype(np.float32)  # rounded: ties across chunks
     whole = aupro(maps, masks, fpr_limit=1.0)
-    monkeypatch.setattr(metrics, "_CUMSUM_CHUNK", chunk)
+    monkeypatch.setattr(pixel, "_CUMSUM_CHUNK", chunk)
     assert aupro(maps, masks, fpr_limit=1.0) == whole  # bit for bit: the same additions in the same order
 
 

@@ -11,8 +11,9 @@ import torch
 from anomalib.metrics.aupro import _AUPRO
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from anomalib_vqflow.evaluation.metrics import aupro, auroc, average_precision, f1_max
+from anomalib_vqflow.evaluation.metrics import auroc, average_precision, f1_max
 from anomalib_vqflow.evaluation.per_category import MetricsTable, compute_metrics_table
+from anomalib_vqflow.evaluation.pixel import aupro
 
 PIXEL_COLUMNS = ("pixel_AUROC", "AUPRO", "pixel_AP", "pixel_F1max")
 

@@ -87,3 +87,16 @@ def test_the_unified_mixin_is_the_composition_of_the_five() -> None:
         "ScorerExportMixin",
         "UnifiedEvaluationMixin",
     ]
+
+
+def test_torch_model_from_hyperparameters_takes_every_argument_by_name_or_fails() -> None:
+    from anomalib_vqflow.models import MsFlow
+    from anomalib_vqflow.models.base import torch_model_from_hyperparameters
+    from anomalib_vqflow.models.msflow.torch_model import MsFlowModel
+
+    module = MsFlow(backbone="tf_efficientnet_lite0", num_blocks=[1, 1, 1], condition_channels=8, top_k=0.5)
+    model = torch_model_from_hyperparameters(module, MsFlowModel)
+    assert (model.condition_channels, model.anomaly_map_generator.top_k) == (8, 0.5)
+    del module.hparams["top_k"]
+    with pytest.raises(TypeError, match=r"MsFlow has no hyperparameters \['top_k'\] for MsFlowModel"):
+        torch_model_from_hyperparameters(module, MsFlowModel)

@@ -22,8 +22,9 @@ Example:
 """
 
 from anomalib_vqflow.evaluation.callback import UnifiedEvaluator
-from anomalib_vqflow.evaluation.metrics import aupro, auroc, average_precision, f1_max
+from anomalib_vqflow.evaluation.metrics import auroc, average_precision, f1_max
 from anomalib_vqflow.evaluation.per_category import MetricsTable, compute_metrics_table
+from anomalib_vqflow.evaluation.pixel import aupro
 
 __all__ = [
     "MetricsTable",

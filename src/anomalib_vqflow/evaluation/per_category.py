@@ -39,7 +39,8 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import ArrayLike
 
-from anomalib_vqflow.evaluation.metrics import binary_metrics, pixel_metrics
+from anomalib_vqflow.evaluation.metrics import binary_metrics
+from anomalib_vqflow.evaluation.pixel import pixel_metrics
 
 IMAGE_COLUMNS = ("image_AUROC", "image_AP", "image_F1max")
 PIXEL_COLUMNS = ("pixel_AUROC", "AUPRO", "pixel_AP", "pixel_F1max")

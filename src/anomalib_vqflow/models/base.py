@@ -22,9 +22,10 @@ Example:
     ['PreProcessor', 'UnifiedEvaluator', 'PostProcessor', 'ImageVisualizer']
 """
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from anomalib.data import Batch
@@ -51,6 +52,36 @@ class UnifiedModelMixin(
         ['NonFiniteGuardMixin', 'ExactResumeMixin', 'OfflineCheckpointMixin', 'ScorerExportMixin',
          'UnifiedEvaluationMixin']
     """
+
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
+def torch_model_from_hyperparameters(module: LightningModule, model_class: type[ModelT], **overrides: Any) -> ModelT:
+    """Build ``model_class`` from ``module``'s hyperparameters of the same names, and ``overrides``.
+
+    Every plugin model's Lightning signature repeats its torch model's arguments under the same
+    names, so all four build their torch model in this one way, from what Anomalib saves in
+    ``hparams`` and a checkpoint restores.
+
+    Raises:
+        TypeError: If an argument of ``model_class`` is neither a hyperparameter nor overridden: a
+            renamed argument must fail, not fall back to its default.
+
+    Example:
+        >>> from anomalib_vqflow.models import MsFlow
+        >>> from anomalib_vqflow.models.msflow.torch_model import MsFlowModel
+        >>> module = MsFlow(backbone="tf_efficientnet_lite0", num_blocks=[1, 1, 1], pre_trained=False)
+        >>> torch_model_from_hyperparameters(module, MsFlowModel, condition_channels=8).condition_channels
+        8
+    """
+    names = inspect.signature(model_class).parameters
+    arguments = {name: value for name, value in module.hparams.items() if name in names} | overrides
+    missing = sorted(set(names) - set(arguments))
+    if missing:
+        msg = f"{type(module).__name__} has no hyperparameters {missing} for {model_class.__name__}."
+        raise TypeError(msg)
+    return model_class(**arguments)
 
 
 def preprocessed_batches(

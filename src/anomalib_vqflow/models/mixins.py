@@ -45,6 +45,13 @@ from anomalib_vqflow.evaluation import UnifiedEvaluator
 if TYPE_CHECKING:
     # Only exports need OpenVINO; importing a model should not load it.
     import openvino as ov
+    from anomalib.models import AnomalibModule
+
+    # Type checkers see the mixins as what they are mixed into (their super() calls and self.log reach it);
+    # at run time they stay plain classes, so list_models() does not list them as models.
+    _AnomalibModule = AnomalibModule
+else:
+    _AnomalibModule = object
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +83,7 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class NonFiniteGuardMixin:
+class NonFiniteGuardMixin(_AnomalibModule):
     """Check every training step, every optimizer step and every checkpoint for NaN and infinity.
 
     A model calls :meth:`_init_non_finite_guard` in its constructor and :meth:`_finite_step` in its
@@ -90,8 +97,6 @@ class NonFiniteGuardMixin:
     """
 
     non_finite: str
-    global_step: int
-    current_epoch: int
 
     def _init_non_finite_guard(self, non_finite: str) -> None:
         self.non_finite = check_non_finite_action(non_finite)
@@ -116,7 +121,7 @@ class NonFiniteGuardMixin:
             raise NonFiniteError(msg)
         self.skipped_batches += 1
         logger.warning("Skipped a training batch. %s", message)
-        self.log("train_skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+        self.log("train_skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
         return False
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
@@ -125,8 +130,8 @@ class NonFiniteGuardMixin:
         Raises:
             NonFiniteError: naming the weights and the step.
         """
-        super().on_train_batch_end(*args, **kwargs)  # type: ignore[misc]
-        trainable = ((name, p) for name, p in self.named_parameters() if p.requires_grad)  # type: ignore[attr-defined]
+        super().on_train_batch_end(*args, **kwargs)
+        trainable = ((name, p) for name, p in self.named_parameters() if p.requires_grad)
         if bad := non_finite_names(trainable):
             msg = f"Non-finite weights after training step {self.global_step}: {bad[:5]}; no checkpoint will hold them."
             raise NonFiniteError(msg)
@@ -140,14 +145,14 @@ class NonFiniteGuardMixin:
         Raises:
             NonFiniteError: naming the tensors.
         """
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_save_checkpoint(checkpoint)
         model_tensors = ((name, t) for name, t in checkpoint.get("state_dict", {}).items() if name.startswith("model."))
         if bad := non_finite_names(model_tensors):
             msg = f"Refusing to write a checkpoint with non-finite tensors: {bad[:5]}."
             raise NonFiniteError(msg)
 
 
-class ExactResumeMixin:
+class ExactResumeMixin(_AnomalibModule):
     """Resume with the random streams where the checkpoint left them: a killed run repeats the uninterrupted one.
 
     Example:
@@ -157,12 +162,12 @@ class ExactResumeMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the random generators' states with the checkpoint."""
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_save_checkpoint(checkpoint)
         checkpoint[_RNG_STATES_KEY] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the random generators' states of the checkpoint for the first training epoch after it."""
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)
         self._rng_states_to_restore = checkpoint.get(_RNG_STATES_KEY)
 
     def on_train_epoch_start(self) -> None:
@@ -172,13 +177,13 @@ class ExactResumeMixin:
         validation and the training loader's start draw from the global generator in a resumed
         run only. (The training order itself does not use it: see ``EpochShuffleSampler``.)
         """
-        super().on_train_epoch_start()  # type: ignore[misc]
+        super().on_train_epoch_start()
         if states := getattr(self, "_rng_states_to_restore", None):
             _restore_rng_states(states)
             self._rng_states_to_restore = None
 
 
-class OfflineCheckpointMixin:
+class OfflineCheckpointMixin(_AnomalibModule):
     """Restore from a checkpoint without fetching the backbone's weights: the checkpoint holds them.
 
     Example:
@@ -197,10 +202,10 @@ class OfflineCheckpointMixin:
         """
         kwargs.setdefault("pre_trained", False)
         kwargs.setdefault("backbone_weights", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
 
-class ScorerExportMixin:
+class ScorerExportMixin(_AnomalibModule):
     """Exports that score without PyTorch, convert cleanly and quantize only what INT8 keeps accurate.
 
     Example:
@@ -213,7 +218,7 @@ class ScorerExportMixin:
 
         See :mod:`anomalib_vqflow.deploy.score`; ``anomalib export`` and ``Engine.export`` both come here.
         """
-        model_file = super().to_openvino(export_root, *args, **kwargs)  # type: ignore[misc]
+        model_file = super().to_openvino(export_root, *args, **kwargs)
         write_scorer(model_file.parent)
         return model_file
 
@@ -224,7 +229,7 @@ class ScorerExportMixin:
         the OpenVINO export come here too).
         """
         kwargs.setdefault("opset_version", EXPORT_OPSET)
-        model_file = super().to_onnx(export_root, *args, **kwargs)  # type: ignore[misc]
+        model_file = super().to_onnx(export_root, *args, **kwargs)
         write_scorer(model_file.parent)
         return model_file
 
@@ -249,7 +254,7 @@ class ScorerExportMixin:
             )
             raise ValueError(msg)
         if compression_type not in {CompressionType.INT8, CompressionType.INT8_PTQ}:
-            return super()._compress_ov_model(model, compression_type, datamodule, *args, **kwargs)  # type: ignore[misc]
+            return super()._compress_ov_model(model, compression_type, datamodule, *args, **kwargs)
         import nncf
 
         head = head_ignored_scope(model)
@@ -258,7 +263,7 @@ class ScorerExportMixin:
         return nncf.quantize(model, calibration_dataset(model, datamodule), ignored_scope=head)
 
 
-class UnifiedEvaluationMixin:
+class UnifiedEvaluationMixin(_AnomalibModule):
     """Per-category evaluation on raw scores: the evaluator ahead of the post-processor; validation on good images.
 
     Example:
@@ -266,10 +271,6 @@ class UnifiedEvaluationMixin:
         'UnifiedEvaluator'
     """
 
-    pre_processor: object
-    post_processor: object
-    evaluator: object
-    visualizer: object
     cached_features: Callable[..., list[torch.Tensor] | None]
 
     @staticmethod

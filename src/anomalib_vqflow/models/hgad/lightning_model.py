@@ -72,7 +72,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
-from anomalib_vqflow.models.base import UnifiedModelMixin, warmup_cosine_factor
+from anomalib_vqflow.models.base import UnifiedModelMixin, torch_model_from_hyperparameters, warmup_cosine_factor
 from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .component_fitting import ComponentFittingMixin, LabelSource
@@ -167,20 +167,7 @@ class Hgad(ComponentFittingMixin, FeatureCacheMixin, UnifiedModelMixin, Anomalib
         except ValueError:
             msg = f"labels must be 'none' or 'dataset', got labels={labels!r}."
             raise ValueError(msg) from None
-        self.model = HgadModel(
-            backbone=backbone,
-            layer=layer,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            pyramid_levels=pyramid_levels,
-            num_blocks=num_blocks,
-            position_channels=position_channels,
-            num_components=num_components,
-            num_intra_centers=num_intra_centers,
-            clamp=clamp,
-            map_size=map_size,
-            blur_sigma=blur_sigma,
-        )
+        self.model = torch_model_from_hyperparameters(self, HgadModel)
         self.loss = HgadLoss(mutual_information_weight=mutual_information_weight, label_smoothing=label_smoothing)
         self.inter_class_epochs = inter_class_epochs
         self.lr = lr

@@ -37,7 +37,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
-from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin
+from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin, torch_model_from_hyperparameters
 from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .loss import MsFlowLoss
@@ -110,17 +110,7 @@ class MsFlow(FlowTrainingMixin, FeatureCacheMixin, UnifiedModelMixin, AnomalibMo
         )
         self._init_non_finite_guard(non_finite)
         self._init_feature_cache(feature_cache)
-        self.model = MsFlowModel(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            num_blocks=num_blocks,
-            condition_channels=condition_channels,
-            clamp=clamp,
-            top_k=top_k,
-            anomaly_map_mode=anomaly_map_mode,
-        )
+        self.model = torch_model_from_hyperparameters(self, MsFlowModel)
         self.loss = MsFlowLoss()
         self.lr = lr
         self.warmup_epochs = warmup_epochs

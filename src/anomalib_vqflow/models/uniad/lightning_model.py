@@ -36,7 +36,6 @@ Example:
         anomalib train --model UniAd --data MultiClassMVTecAD --data.root ./datasets/MVTecAD
 """
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 
-from anomalib_vqflow.models.base import UnifiedModelMixin
+from anomalib_vqflow.models.base import UnifiedModelMixin, torch_model_from_hyperparameters
 from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .loss import UniAdLoss
@@ -156,10 +155,7 @@ class UniAd(FeatureCacheMixin, UnifiedModelMixin, AnomalibModule):
         if self.input_size is None:
             msg = "UniAd needs a pre-processor that resizes to a fixed input size: the model is built for it."
             raise ValueError(msg)
-        # The torch model's arguments are the hyperparameters of the same name.
-        names = inspect.signature(UniAdModel).parameters
-        arguments = {name: value for name, value in self.hparams.items() if name in names}
-        return UniAdModel(input_size=self.input_size, **(arguments | overrides))
+        return torch_model_from_hyperparameters(self, UniAdModel, input_size=self.input_size, **overrides)
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:

@@ -65,7 +65,12 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from anomalib_vqflow.components.flows import AFFINE_CLAMPING
 from anomalib_vqflow.components.quantizers import codebook_statistics
 from anomalib_vqflow.evaluation.clustering import cluster_purity, normalized_mutual_information
-from anomalib_vqflow.models.base import FlowTrainingMixin, UnifiedModelMixin, preprocessed_batches
+from anomalib_vqflow.models.base import (
+    FlowTrainingMixin,
+    UnifiedModelMixin,
+    preprocessed_batches,
+    torch_model_from_hyperparameters,
+)
 from anomalib_vqflow.models.feature_cache import FeatureCacheMixin
 
 from .anomaly_map import image_moments
@@ -162,25 +167,7 @@ class VqFlow(FlowTrainingMixin, FeatureCacheMixin, UnifiedModelMixin, AnomalibMo
         )
         self._init_non_finite_guard(non_finite)
         self._init_feature_cache(feature_cache)
-        self.model = VqFlowModel(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            num_blocks=num_blocks,
-            num_prototypes=num_prototypes,
-            prototype_channels=prototype_channels,
-            num_patterns=num_patterns,
-            position_channels=position_channels,
-            codebook_decay=codebook_decay,
-            restart_dead_codes=restart_dead_codes,
-            prior_log_det=prior_log_det,
-            concept_calibration=concept_calibration,
-            min_calibration_images=min_calibration_images,
-            clamp=clamp,
-            top_k=top_k,
-            anomaly_map_mode=anomaly_map_mode,
-        )
+        self.model = torch_model_from_hyperparameters(self, VqFlowModel)
         self.loss = VqFlowLoss(commitment_weight=commitment_weight)
         self.lr = lr
         self.warmup_epochs = warmup_epochs
