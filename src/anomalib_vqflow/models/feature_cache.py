@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -38,6 +37,7 @@ from torchvision.transforms import v2
 
 from anomalib_vqflow.components.feature_cache import FrozenFeatureCache
 from anomalib_vqflow.models.base import preprocessed_batches
+from anomalib_vqflow.models.mixins import MixinBase
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def random_transform(transform: object) -> object | None:
     return transform
 
 
-class FeatureCacheMixin:
+class FeatureCacheMixin(MixinBase):
     """Frozen features computed once per training image and fed to the torch model in every epoch.
 
     A model calls :meth:`_init_feature_cache` in its constructor and passes
@@ -86,9 +86,6 @@ class FeatureCacheMixin:
         (False, True)
     """
 
-    model: torch.nn.Module
-    trainer: Any
-    device: torch.device
     feature_cache: bool | None
     feature_store: FrozenFeatureCache | None
 
@@ -116,7 +113,7 @@ class FeatureCacheMixin:
         Raises:
             ValueError: ``feature_cache=True`` where cached features would not be exact.
         """
-        super().on_train_start()  # type: ignore[misc]
+        super().on_train_start()
         self.feature_store = None
         if self.feature_cache is False:
             return
@@ -131,7 +128,7 @@ class FeatureCacheMixin:
         # A loader draws its workers' base seed from the global generator: restore it, so that dropout and
         # noise in the training steps draw the same numbers as without the cache.
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for batch, images in preprocessed_batches(self, self.trainer.train_dataloader):  # type: ignore[arg-type]
+            for batch, images in preprocessed_batches(self, self.trainer.train_dataloader):
                 if batch.image_path is None:
                     logger.info("Training without the feature cache: the training batches carry no image paths.")
                     return
@@ -148,7 +145,7 @@ class FeatureCacheMixin:
 
     def on_train_end(self) -> None:
         """Free the cache: testing, prediction and export read images."""
-        super().on_train_end()  # type: ignore[misc]
+        super().on_train_end()
         if self.feature_store is not None:
             self.feature_store.clear()
             self._set_read_images(True)

@@ -49,9 +49,9 @@ if TYPE_CHECKING:
 
     # Type checkers see the mixins as what they are mixed into (their super() calls and self.log reach it);
     # at run time they stay plain classes, so list_models() does not list them as models.
-    _AnomalibModule = AnomalibModule
+    MixinBase = AnomalibModule
 else:
-    _AnomalibModule = object
+    MixinBase = object
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class NonFiniteGuardMixin(_AnomalibModule):
+class NonFiniteGuardMixin(MixinBase):
     """Check every training step, every optimizer step and every checkpoint for NaN and infinity.
 
     A model calls :meth:`_init_non_finite_guard` in its constructor and :meth:`_finite_step` in its
@@ -152,7 +152,7 @@ class NonFiniteGuardMixin(_AnomalibModule):
             raise NonFiniteError(msg)
 
 
-class ExactResumeMixin(_AnomalibModule):
+class ExactResumeMixin(MixinBase):
     """Resume with the random streams where the checkpoint left them: a killed run repeats the uninterrupted one.
 
     Example:
@@ -183,7 +183,7 @@ class ExactResumeMixin(_AnomalibModule):
             self._rng_states_to_restore = None
 
 
-class OfflineCheckpointMixin(_AnomalibModule):
+class OfflineCheckpointMixin(MixinBase):
     """Restore from a checkpoint without fetching the backbone's weights: the checkpoint holds them.
 
     Example:
@@ -205,7 +205,7 @@ class OfflineCheckpointMixin(_AnomalibModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
 
-class ScorerExportMixin(_AnomalibModule):
+class ScorerExportMixin(MixinBase):
     """Exports that score without PyTorch, convert cleanly and quantize only what INT8 keeps accurate.
 
     Example:
@@ -263,7 +263,7 @@ class ScorerExportMixin(_AnomalibModule):
         return nncf.quantize(model, calibration_dataset(model, datamodule), ignored_scope=head)
 
 
-class UnifiedEvaluationMixin(_AnomalibModule):
+class UnifiedEvaluationMixin(MixinBase):
     """Per-category evaluation on raw scores: the evaluator ahead of the post-processor; validation on good images.
 
     Example:
