@@ -13,9 +13,12 @@ alone (the OpenVINO process never imports torch, as on an inspection PC):
   input size, after warm-up);
 - peak resident memory of the process (the kernel's ``VmHWM``) after the model's timings;
 - size on disk of ``model.xml`` + ``model.bin`` and of ``model.pt``;
-- the bare backbone's batch-1 rate in the same runtime, and the share of the model's
-  batch-1 time that the backbone accounts for (the rest is the head: flows, priors,
-  quantizers, transformer, scoring, pre- and post-processing).
+- the bare backbone's batch-1 rate in the same runtime, and the head's time: the model's
+  batch-1 median minus the backbone's, both from the same worker (flows, priors, quantizers,
+  transformer, scoring, pre- and post-processing), with its share of the model's time;
+- with ``--accuracy`` (a ``benchmarks/unified.py`` ``results.json``), each model's mean image
+  AUROC over the categories of that benchmark run (averaged over its seeds; blank where the
+  run has no such model), so that speed and accuracy stand in one table.
 
 OpenVINO runs in f32 (``INFERENCE_PRECISION_HINT``), the precision that matches PyTorch.
 Speed does not depend on the weights, so the plugin's models are timed untrained; PaDiM
@@ -48,6 +51,19 @@ import numpy as np
 PLUGIN_MODELS = ("ms_flow", "vq_flow", "hgad", "uni_ad")
 BASELINES = ("padim", "patchcore")
 TARGET_BACKBONE_RATE_SHARE = 2 / 3
+
+
+def model_key(name: str) -> str:
+    """The name as both benchmarks can match it: ``ms_flow`` here is ``MsFlow`` in ``unified.py``."""
+    return name.lower().replace("_", "")
+
+
+def mean_image_auroc(results_file: Path) -> dict[str, float]:
+    """Mean image AUROC (%) over a ``unified.py`` run's categories, per model (:func:`model_key`), seeds averaged."""
+    by_model: dict[str, list[float]] = {}
+    for run in json.loads(results_file.read_text())["results"]:
+        by_model.setdefault(model_key(run["model"]), []).append(run["table"]["rows"]["mean"]["image_AUROC"])
+    return {name: round(100 * float(np.mean(values)), 1) for name, values in by_model.items()}
 
 
 def peak_rss_mib() -> float:
@@ -252,6 +268,7 @@ def measure(name: str, size: int, repeats: int, coreset_ratio: float, folder: Pa
     row["openvino"], row["pytorch"] = openvino, eager
     for runtime in (openvino, eager):
         runtime["backbone_share"] = round(runtime["backbone_latency_p50_ms"] / runtime["latency_p50_ms"], 3)
+        runtime["head_ms"] = round(runtime["latency_p50_ms"] - runtime["backbone_latency_p50_ms"], 2)
     row["openvino_over_pytorch_batch1"] = round(
         openvino["batch1_images_per_second"] / eager["batch1_images_per_second"], 2
     )
@@ -264,8 +281,8 @@ def label(row: dict[str, Any]) -> str:
     return row["model"] if bank is None else f"{row['model']} (bank of {bank:,} patches)"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The two tables: throughput and latency; backbone share, memory and size."""
+def markdown(rows: list[dict[str, Any]], image_auroc: dict[str, float] | None = None) -> str:
+    """The two tables: throughput and latency; the head against its backbone, accuracy, memory and size."""
     lines = [
         "| model | PyTorch b1 img/s | PyTorch b8 img/s | OpenVINO b1 img/s | OpenVINO b8 img/s "
         "| OpenVINO / PyTorch (b1) | OpenVINO b1 p50 / p95 ms | PyTorch b1 p50 / p95 ms |",
@@ -281,17 +298,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| model | backbone alone, OpenVINO b1 img/s | model rate / backbone rate (target >= 0.67) "
-        "| backbone share of b1 time, OpenVINO / PyTorch | peak RSS MiB, OpenVINO / PyTorch "
+        "| model | OpenVINO b1 img/s | OpenVINO b8 img/s | OpenVINO b1 p95 ms | backbone alone, OpenVINO b1 img/s "
+        "| model rate / backbone rate (target >= 0.67) | head ms (model - backbone), OpenVINO b1 "
+        "| head share of b1 time, OpenVINO / PyTorch | image AUROC % | peak RSS MiB, OpenVINO / PyTorch "
         "| size MiB, OpenVINO / PyTorch | parameters (M) |",
-        "|:---|---:|---:|---:|---:|---:|---:|",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         ov, pt = row["openvino"], row["pytorch"]
         backbone_rate = 1000 / ov["backbone_latency_p50_ms"]
+        accuracy = (image_auroc or {}).get(model_key(row["model"]), "")
         lines.append(
-            f"| {label(row)} | {backbone_rate:.1f} | {ov['backbone_share']:.2f} "
-            f"| {100 * ov['backbone_share']:.0f}% / {100 * pt['backbone_share']:.0f}% "
+            f"| {label(row)} | {ov['batch1_images_per_second']} | {ov['batch8_images_per_second'] or 'n/a (a)'} "
+            f"| {ov['latency_p95_ms']} | {backbone_rate:.1f} | {ov['backbone_share']:.2f} | {ov['head_ms']:.2f} "
+            f"| {100 * (1 - ov['backbone_share']):.0f}% / {100 * (1 - pt['backbone_share']):.0f}% | {accuracy} "
             f"| {ov['peak_rss_mib']:.0f} / {pt['peak_rss_mib']:.0f} "
             f"| {row['openvino_size_mib']} / {row['torch_size_mib']} | {row['parameters_millions']} |"
         )
@@ -318,6 +338,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=100, help="timed batch-1 calls (batch 8: a fifth of them)")
     parser.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore's coreset sampling ratio")
     parser.add_argument("--output", type=Path, default=None, help="folder for edge_speed.json and edge_speed.md")
+    parser.add_argument(
+        "--accuracy",
+        type=Path,
+        default=None,
+        help="a benchmarks/unified.py results.json: its mean image AUROC per model becomes a column",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -338,12 +364,20 @@ def main() -> int:
         f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({rows[0]['pytorch']['threads']} threads), OpenVINO {openvino.__version__} f32"
     )
-    table = markdown(rows)
-    text = f"Command: `{' '.join(sys.argv)}`\n\nMachine: {machine}; input {args.image_size} px.\n\n{table}\n"
+    image_auroc = mean_image_auroc(args.accuracy) if args.accuracy else None
+    table = markdown(rows, image_auroc)
+    accuracy = f" Image AUROC: mean over the categories of `{args.accuracy}`." if args.accuracy else ""
+    text = f"Command: `{' '.join(sys.argv)}`\n\nMachine: {machine}; input {args.image_size} px.{accuracy}\n\n{table}\n"
     print(text)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
-        summary = {"command": " ".join(sys.argv), "machine": machine, "image_size": args.image_size, "rows": rows}
+        summary = {
+            "command": " ".join(sys.argv),
+            "machine": machine,
+            "image_size": args.image_size,
+            "image_auroc": image_auroc,
+            "rows": rows,
+        }
         (args.output / "edge_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
         (args.output / "edge_speed.md").write_text(text)
     return 0

@@ -1,12 +1,14 @@
-"""The standalone scorer's image reading and file discovery, without a model (the end-to-end runs are per model)."""
+"""The standalone scorer's image reading, file discovery and report on a one-operation graph (end to end: per model)."""
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from anomalib_vqflow.deploy.score import find_images, read_image, score_images
+from anomalib_vqflow.deploy.score import find_images, main, read_image, score_images
 
 
 @pytest.fixture
@@ -82,3 +84,27 @@ def test_a_failing_file_does_not_stop_the_batch(tmp_path: Path, pixels: np.ndarr
     assert [(path.name, reason) for path, reason in failures] == [("b.png", "RuntimeError: incompatible input shape")]
     assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
     assert "b.png" in (tmp_path / "out" / "failed.csv").read_text()
+
+
+def test_a_run_reports_its_images_per_second(
+    tmp_path: Path, pixels: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line ends with the rate of the whole run and of the model alone."""
+
+    class Brightest(torch.nn.Module):
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return image.amax(dim=(1, 2, 3))
+
+    model_file = tmp_path / "model.onnx"
+    image = torch.rand(1, 3, *pixels.shape[:2])
+    torch.onnx.export(Brightest(), (image,), model_file, output_names=["pred_score"], dynamo=False)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(pixels).save(tmp_path / name)
+    arguments = ["--images", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(model_file)]
+    assert main([*arguments, "--output", str(tmp_path / "out"), "--no-overlays"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"Speed: \d+\.\d images/s for the whole run \(reading, scoring, writing\), "
+        r"\d+\.\d images/s for the model alone \(CPU, f32\)",
+        last,
+    ), last

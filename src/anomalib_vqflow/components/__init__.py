@@ -7,6 +7,7 @@
 - :mod:`.quantizers`: EMA vector quantizers (VQ-Flow's codebooks);
 - :mod:`.kmeans`: k-means and squared distances (codebooks, mixture priors, HGAD's components);
 - :mod:`.priors`: concept-conditioned Gaussians (VQ-Flow) and hierarchical Gaussian mixtures (HGAD);
+- :mod:`.resampling`: bilinear resampling (and sums of resampled maps) as matrix products;
 - :mod:`.scoring`: per-scale likelihoods to anomaly maps and image scores.
 """
 
@@ -17,10 +18,12 @@ from .kmeans import kmeans, squared_distances
 from .positional import positional_encoding_2d
 from .priors import ConceptGaussianPrior, HierarchicalGaussianMixture
 from .quantizers import QuantizerOutput, VectorQuantizer, codebook_statistics, residual_quantize
+from .resampling import interpolation_weights, resample_sum
 from .scoring import (
     AnomalyMapGenerator,
     AnomalyMapMode,
     additive_anomaly_map,
+    cell_centred_sum,
     cell_centred_upsample,
     joint_log_likelihood,
     log_likelihood_maps,
@@ -44,9 +47,11 @@ __all__ = [
     "QuantizerOutput",
     "VectorQuantizer",
     "additive_anomaly_map",
+    "cell_centred_sum",
     "cell_centred_upsample",
     "codebook_statistics",
     "conditional_flow",
+    "interpolation_weights",
     "joint_log_likelihood",
     "kmeans",
     "layers_for_strides",
@@ -56,6 +61,7 @@ __all__ = [
     "negative_log_likelihood",
     "negative_log_likelihood_maps",
     "positional_encoding_2d",
+    "resample_sum",
     "residual_quantize",
     "squared_distances",
     "top_k_mean",

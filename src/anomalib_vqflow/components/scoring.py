@@ -54,10 +54,10 @@ from collections.abc import Sequence
 from enum import Enum
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from .gaussian import negative_log_likelihood_maps
+from .resampling import resample_sum
 
 
 def log_likelihood_maps(latents: Sequence[torch.Tensor], channel_mean: bool = True) -> list[torch.Tensor]:
@@ -75,19 +75,22 @@ def _image_max(maps: torch.Tensor) -> torch.Tensor:
     return maps.amax(dim=(-2, -1), keepdim=True)
 
 
-def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
-
-
 def additive_anomaly_map(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Sum over scales of per-image normalised likelihoods, turned into an anomaly map ``(N, 1, H, W)``."""
-    likelihood = sum(_upsample(torch.exp(lp - _image_max(lp)), size) for lp in log_likelihoods)
+    likelihood = resample_sum([torch.exp(lp - _image_max(lp)) for lp in log_likelihoods], size, align_corners=True)
     return _image_max(likelihood) - likelihood
 
 
 # Cell j of a stage average-pooled by 2 (kernel 3, stride 2, padding 1) covers the stage's cells
 # 2j - 1 .. 2j + 1, so its centre is the stage's cell 2j: a quarter of the pooled stride into the cell.
 POOLED_CELL_CENTRE = 0.25
+
+
+def _cell_shifts(maps: Sequence[torch.Tensor], size: tuple[int, int], cell_centre: float) -> list[tuple[int, int]]:
+    return [
+        (round(size[0] / m.shape[-2] * (0.5 - cell_centre)), round(size[1] / m.shape[-1] * (0.5 - cell_centre)))
+        for m in maps
+    ]
 
 
 def cell_centred_upsample(
@@ -99,27 +102,25 @@ def cell_centred_upsample(
     as a share of the stride (``0.5``: the middle, as ``align_corners=False`` assumes; the
     default: a cell average-pooled by 2 from a backbone stage). Outside the outermost centres
     the border cells' values hold. Built as ``align_corners=False`` shifted by a whole number
-    of pixels (slicing and edge padding, which every exporter supports).
+    of pixels, the last ones held (:func:`~.resampling.resample_sum`'s shifts).
 
     Example:
         >>> cell_centred_upsample(torch.tensor([[[[0.0, 4.0]]]]), (1, 8))  # centres at pixels 0.5 and 4.5
         tensor([[[[0.0000, 0.5000, 1.5000, 2.5000, 3.5000, 4.0000, 4.0000, 4.0000]]]])
     """
-    upsampled = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    shift_y = round(size[0] / maps.shape[-2] * (0.5 - cell_centre))
-    shift_x = round(size[1] / maps.shape[-1] * (0.5 - cell_centre))
-    if shift_y == 0 and shift_x == 0:
-        return upsampled
-    return F.pad(upsampled[..., shift_y:, shift_x:], (0, shift_x, 0, shift_y), mode="replicate")
+    return cell_centred_sum([maps], size, cell_centre)
 
 
-def _cell_centred_sum(maps: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    return sum(cell_centred_upsample(scale_map, size) for scale_map in maps)
+def cell_centred_sum(
+    maps: Sequence[torch.Tensor], size: tuple[int, int], cell_centre: float = POOLED_CELL_CENTRE
+) -> torch.Tensor:
+    """Sum over ``(N, C, h_l, w_l)`` maps of their :func:`cell_centred_upsample` to ``size``, ``(N, C, *size)``."""
+    return resample_sum(maps, size, shifts=_cell_shifts(maps, size, cell_centre))
 
 
 def joint_log_likelihood(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Sum over scales of the upsampled log-likelihoods (the log of their product), ``(N, 1, H, W)``."""
-    return sum(_upsample(log_likelihood, size) for log_likelihood in log_likelihoods)
+    return resample_sum(log_likelihoods, size, align_corners=True)
 
 
 def standardised_scale_maps(
@@ -210,7 +211,10 @@ class AnomalyMapGenerator(nn.Module):
         if self.mode == AnomalyMapMode.NLL:
             scale_maps = negative_log_likelihood_maps(latents)
             standardised = standardised_scale_maps(scale_maps, [latent.shape[1] for latent in latents])
-            return top_k_mean(_cell_centred_sum(scale_maps, size), self.top_k), _cell_centred_sum(standardised, size)
+            # Score and map upsampled together: one resampling of both channels instead of two.
+            pairs = [torch.cat(pair, dim=1) for pair in zip(scale_maps, standardised, strict=True)]
+            both = cell_centred_sum(pairs, size)
+            return top_k_mean(both[:, :1], self.top_k), both[:, 1:]
         log_likelihoods = log_likelihood_maps(latents)
         joint = joint_log_likelihood(log_likelihoods, size)
         pred_score = multiplicative_image_score(joint, self.top_k)

@@ -6,8 +6,11 @@ grid (stride 16), upsampled bilinearly (``align_corners=True``, as the official
 after a ``pool_size x pool_size`` average pooling with stride 1 (UniAD: 16 px at 224 px), which
 is robust to single hot pixels; the mean of the map collapses on small defects (UniAD issue #6).
 No Gaussian smoothing, as in the official evaluation. Every image is scored on its own.
-The box filter runs as a row then a column average (``2k`` instead of ``k^2`` additions per
-pixel; the same means up to rounding), which keeps it cheap in the exported CPU model.
+Upsampling and box filter are both linear and separable, so both run as matrix products on
+the feature grid (:mod:`~anomalib_vqflow.components.resampling`): the map is ``R E C^T`` and its
+box-filtered version ``(B R) E (B C)^T`` with ``B`` the row (column) averages; the same values as
+``F.interpolate`` and ``avg_pool2d`` up to rounding, without the 256 x 256 passes that made them
+the exported CPU model's most expensive part after the transformer.
 
 Example:
     >>> import torch
@@ -18,8 +21,23 @@ Example:
 """
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
+from anomalib_vqflow.components.resampling import interpolation_weights, resample_sum
+
+
+def box_weights(size: int, kernel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(size - kernel + 1, size)`` weights of the means of ``kernel`` neighbours, ``avg_pool1d`` with stride 1.
+
+    Example:
+        >>> box_weights(4, 2)
+        tensor([[0.5000, 0.5000, 0.0000, 0.0000],
+                [0.0000, 0.5000, 0.5000, 0.0000],
+                [0.0000, 0.0000, 0.5000, 0.5000]])
+    """
+    starts = torch.arange(size - kernel + 1)[:, None]
+    taps = torch.arange(size)[None, :]
+    return ((taps >= starts) & (taps < starts + kernel)).to(dtype) / kernel
 
 
 class UniAdAnomalyMapGenerator(nn.Module):
@@ -51,8 +69,11 @@ class UniAdAnomalyMapGenerator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(pred_score (N,), anomaly_map (N, 1, H, W))`` for ``(N, C, h, w)`` features at ``image_size``."""
         error = (reconstruction - target).pow(2).sum(dim=1, keepdim=True).sqrt()
-        anomaly_map = F.interpolate(error, size=image_size, mode="bilinear", align_corners=True)
+        anomaly_map = resample_sum([error], image_size, align_corners=True)
         kernel = min(self.pool_size, *image_size)
-        rows = F.avg_pool2d(anomaly_map, kernel_size=(1, kernel), stride=1)
-        pooled = F.avg_pool2d(rows, kernel_size=(kernel, 1), stride=1)
+        rows, columns = (
+            box_weights(size, kernel, error.dtype) @ interpolation_weights(size, cells, True, dtype=error.dtype)
+            for size, cells in zip(image_size, error.shape[-2:], strict=True)
+        )
+        pooled = rows.to(error.device) @ error @ columns.to(error.device).T
         return pooled.flatten(start_dim=1).amax(dim=1), anomaly_map
