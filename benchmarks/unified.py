@@ -536,7 +536,8 @@ def rules(args: argparse.Namespace) -> list[str]:
     budget = f"at most {args.fit_minutes:g} min of training wall time" if args.fit_minutes else "no time limit"
     epochs = f"--max-epochs {args.max_epochs}" if args.max_epochs else "the VqFlow config's max_epochs"
     return [
-        f"- Config variant `{args.variant}`; input {args.image_size} px; seeds {args.seeds}.",
+        f"- Config variant `{args.variant}`; input {args.image_size} px (Anomalib models other than PaDiM, PatchCore, "
+        f"CFLOW, STFPM and Fastflow: their own); seeds {args.seeds}.",
         f"- Training budget per model: {budget}, or the epoch cap, whichever ends first. Epoch cap: the "
         f"plugin's models their config's max_epochs; Anomalib's models {epochs}. PaDiM and PatchCore: one pass.",
         f"- PaDiM, PatchCore, CFLOW, STFPM: their defaults on `{args.backbone}` with ImageNet weights "

@@ -1,6 +1,7 @@
 """The plugin inside Anomalib: short names in the stock `anomalib` command, list_models(), and the switch."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -224,6 +225,8 @@ def test_builtin_model_gets_the_per_category_table_from_the_stock_command(
     assert table.loc["mean", "image_AUROC"] == pytest.approx(table.loc[["brick", "coffee"], "image_AUROC"].mean())
     printed = {line.split()[0] for line in result.stdout.splitlines() if line.split()}
     assert {"brick", "coffee", "mean", "pooled"} <= printed, "the table is printed"
-    # Anomalib's own evaluator keeps its metrics; the plugin's go under unified/ next to them.
-    assert "│        image_AUROC " in result.stdout or " image_AUROC " in result.stdout
+    for suffix in ("json", "md"):
+        assert table_file.with_suffix(f".{suffix}").is_file()
+    # Anomalib's own evaluator keeps its metrics (a row of its results table); the plugin's go under unified/.
+    assert re.search(r"│\s+image_AUROC\s+│", result.stdout), result.stdout[-3000:]
     assert "unified/brick/image_AUROC" in result.stdout

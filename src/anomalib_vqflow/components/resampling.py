@@ -12,7 +12,8 @@ The weights depend only on the sizes, so an export with a fixed input size holds
 constants. Why not ``F.interpolate``: OpenVINO runs one ``Interpolate`` per map and scale, and
 on a 2-core CPU the six 256 x 256 upsamplings of MsFlow's scoring took 2.2 ms against 0.7 ms
 for the products (``TopK`` included in both); the products are the same values up to float32
-rounding (about 1e-6 relative). Weights follow PyTorch's source-index arithmetic
+rounding (PyTorch computes the source places in float32, these weights in float64: differences of
+about 1e-5 of the map's range at most). Weights follow PyTorch's source-index arithmetic
 (``align_corners`` as ``F.interpolate``), so the results match it for any sizes, upsampling
 or downsampling without antialiasing.
 
@@ -68,6 +69,9 @@ def resample_sum(
 
     ``shifts``: per map, the ``(rows, columns)`` shift of :func:`interpolation_weights`.
     """
+    if not maps:
+        msg = "resample_sum needs at least one map."
+        raise ValueError(msg)
     shifts = shifts or [(0, 0)] * len(maps)
     dtype = maps[0].dtype
     row_weights, horizontal = [], []

@@ -13,10 +13,11 @@ The rules, close to Anomalib's ``Folder``:
 
 - A folder is a path or a list of paths, relative to ``root`` (or to the working folder when
   ``root`` is ``None``) unless absolute; images are found in its sub-folders too.
-- Normal test images come from ``normal_test_dir``; without it, a fixed share
-  (``normal_split_ratio``, 0.2 as in Anomalib) of the category's normal images is moved to the test
-  set. The share is drawn with a fixed seed, whatever the run's seed, so that a training run and a
-  later test run see the same split and no image is in both.
+- Normal test images come from ``normal_test_dir``; without it, about ``normal_split_ratio`` (0.2 as
+  in Anomalib) of the category's normal images are moved to the test set: each image whose path
+  (relative to ``root``) hashes below the ratio, whatever the run's seed. A training run and a later
+  test run therefore see the same split, no image is in both, and adding or removing images moves
+  no other image between them.
 - A mask is matched to its image by file stem, with or without ``_mask`` (``000.png`` ->
   ``000_mask.png`` or ``000.png``), in the same sub-folder of ``mask_dir`` as the image is in
   ``abnormal_dir``. One ``mask_dir`` serves every ``abnormal_dir``; a list of them pairs up with a
@@ -42,7 +43,7 @@ Example:
 
 from __future__ import annotations
 
-import random
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,6 @@ from .multiclass import MultiClassDataModule
 __all__ = ["FOLDER_KEYS", "MultiClassFolder"]
 
 FOLDER_KEYS = ("normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "extensions")
-# Seed of the normal test share: fixed, so that every run over the same files holds out the same images.
-_SPLIT_SEED = 0
 
 
 class MultiClassFolder(MultiClassDataModule):
@@ -173,7 +172,7 @@ class MultiClassFolder(MultiClassDataModule):
 
         if not normal_test:
             # Anomalib's Folder moves a share of the normal images to the test set when there is no normal_test_dir.
-            normal_test = _held_out(normal, self.normal_split_ratio)
+            normal_test = _held_out(normal, self.normal_split_ratio, self.root)
             normal = sorted(set(normal) - set(normal_test))
         rows = [("train", "good", str(path), "", LabelName.NORMAL) for path in normal]
         rows += [("test", "good", str(path), "", LabelName.NORMAL) for path in normal_test]
@@ -186,12 +185,27 @@ class MultiClassFolder(MultiClassDataModule):
         return sample_table(rows, category, self.root)
 
 
-def _held_out(normal: list[Path], ratio: float) -> list[Path]:
-    """Choose the normal images moved to the test set: ``ratio`` of them, at least one, never all."""
+def _held_out(normal: list[Path], ratio: float, root: Path) -> list[Path]:
+    """Choose the normal images moved to the test set: each one whose path hashes below ``ratio``.
+
+    Each image's side depends on its own path (relative to ``root``) only, so adding or removing
+    images never moves another one between training and test. At least one is held out, and never all.
+    """
     if ratio == 0 or len(normal) < 2:
         return []
-    count = min(max(round(ratio * len(normal)), 1), len(normal) - 1)
-    return sorted(random.Random(_SPLIT_SEED).sample(normal, count))
+    ranked = sorted(normal, key=lambda path: _split_key(path, root))
+    held = [path for path in ranked if _split_key(path, root) < ratio]
+    if not held:
+        held = ranked[:1]
+    elif len(held) == len(normal):
+        held = ranked[:-1]
+    return sorted(held)
+
+
+def _split_key(path: Path, root: Path) -> float:
+    """Map the image's path relative to ``root`` (its absolute path outside it) to a fixed number in ``[0, 1)``."""
+    name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+    return int(hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:12], 16) / 16**12
 
 
 def _check_roles(**roles: list[Path]) -> None:

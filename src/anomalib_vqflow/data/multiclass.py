@@ -3,8 +3,9 @@
 Anomalib 2.7 trains one model per category (``MVTecAD(category="bottle")``). The unified
 setting of UniAD, HGAD and VQ-Flow trains one model on the good images of *all*
 categories together, without class labels, and reports metrics per category. This
-module provides that datamodule for any folder in MVTec AD layout
-(``MultiClassMVTecAD``) and for VisA after Anomalib's split (``MultiClassVisa``).
+module provides their base (``MultiClassDataModule``) and the datamodule for any folder in
+MVTec AD layout (``MultiClassMVTecAD``); VisA, Real-IAD, MVTec AD 2 and your own folders have
+theirs beside it.
 
 Every item carries its ``category`` (see :mod:`.dataset`: the samples, the dataset, and
 the clear errors on bad input). The datamodules default to a validation split taken from

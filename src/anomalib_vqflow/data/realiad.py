@@ -232,7 +232,8 @@ class MultiClassRealIAD(MultiClassDataModule):
                 anomaly_class = str(entry["anomaly_class"])
                 mask = entry.get("mask_path")
                 # Training is unsupervised: the FUIAD sets' defective training images are meant to look normal.
-                # At test time an entry without a mask is normal, as in the authors' loader.
+                # At test time an entry without a mask is normal (a view that does not show the defect), as in the
+                # authors' loader: datasets/explicit_dataset.py of Tencent/AnomalyDetection_Real-IAD.
                 abnormal = split == "test" and anomaly_class != normal_class and bool(mask)
                 if split == "test" and anomaly_class != normal_class and not mask:
                     unannotated += 1
