@@ -86,6 +86,10 @@ def build_baseline(
         msg = f"Unknown Anomalib image model {name!r}; available: {sorted(models)}."
         raise ValueError(msg)
     model_class = models[name]
+    refused = sorted(set(model_arguments) - set(inspect.signature(model_class.__init__).parameters))
+    if refused:
+        msg = f"{model_class.__name__} takes no {refused}: it cannot be scored from raw outputs like the others here."
+        raise BaselineUnavailableError(msg)
     arguments: dict[str, Any] = {}
     backbone = baseline_backbone(name, backbone)
     if backbone is not None:

@@ -158,3 +158,10 @@ def test_test_halves_split_every_label_folder_by_file_name(tmp_path: Path) -> No
     assert (halves["report"] / "tile" / "ground_truth").is_dir()
     with pytest.raises(ValueError, match="half must be one of"):
         halved_root(root, "other", tmp_path / "other")
+
+
+def test_model_that_takes_no_evaluator_is_refused_with_its_name() -> None:
+    from baselines import BaselineUnavailableError, build_baseline
+
+    with pytest.raises(BaselineUnavailableError, match=r"VlmAd takes no \['evaluator', 'post_processor'\]"):
+        build_baseline("vlmad", evaluator=None, post_processor=False)

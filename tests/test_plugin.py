@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -207,16 +208,22 @@ def packaged_hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+def _run_builtin(
+    verb: list[str], model: str, demo_root: Path, root_dir: Path, hub_cache: Path
+) -> subprocess.CompletedProcess:
+    """``anomalib <verb> --model <model>`` on the demo data, offline, with the packaged weights."""
+    command = [ANOMALIB, *verb, "--model", model, "--model.backbone", "tf_efficientnet_lite0"]
+    command += [*BUILTIN_MODEL_ARGUMENTS[model], "--model.pre_processor", json.dumps(small_pre_processor(64))]
+    command += ["--data", "MultiClassMVTecAD", *_data_arguments(demo_root), "--trainer.max_epochs", "1"]
+    command += ["--default_root_dir", str(root_dir)]
+    return run_anomalib(command, env={"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"})
+
+
 @pytest.mark.parametrize("model", sorted(BUILTIN_MODEL_ARGUMENTS))
 def test_builtin_model_gets_the_per_category_table_from_the_stock_command(
     demo_root: Path, tmp_path: Path, packaged_hub_cache: Path, model: str
 ) -> None:
-    small_pre_processor_json = json.dumps(small_pre_processor(64))
-    command = [ANOMALIB, "train", "--model", model, "--model.backbone", "tf_efficientnet_lite0"]
-    command += [*BUILTIN_MODEL_ARGUMENTS[model], "--model.pre_processor", small_pre_processor_json]
-    command += ["--data", "MultiClassMVTecAD", *_data_arguments(demo_root), "--trainer.max_epochs", "1"]
-    command += ["--default_root_dir", str(tmp_path)]
-    result = run_anomalib(command, env={"HF_HUB_CACHE": str(packaged_hub_cache), "HF_HUB_OFFLINE": "1"})
+    result = _run_builtin(["train"], model, demo_root, tmp_path, packaged_hub_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     (table_file,) = tmp_path.rglob("metrics_per_category.csv")
     assert table_file.parent.parent.name == "unified", "the table goes into the versioned run folder"
@@ -230,3 +237,17 @@ def test_builtin_model_gets_the_per_category_table_from_the_stock_command(
     # Anomalib's own evaluator keeps its metrics (a row of its results table); the plugin's go under unified/.
     assert re.search(r"│\s+image_AUROC\s+│", result.stdout), result.stdout[-3000:]
     assert "unified/brick/image_AUROC" in result.stdout
+
+
+def test_builtin_model_checkpoint_gets_the_same_table_from_anomalib_test(
+    demo_root: Path, tmp_path: Path, packaged_hub_cache: Path
+) -> None:
+    trained = _run_builtin(["train"], "Padim", demo_root, tmp_path / "train", packaged_hub_cache)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (checkpoint,) = (tmp_path / "train").rglob("*.ckpt")
+    test = ["test", "--ckpt_path", str(checkpoint)]
+    tested = _run_builtin(test, "Padim", demo_root, tmp_path / "test", packaged_hub_cache)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    (train_table,) = (tmp_path / "train").rglob("metrics_per_category.csv")
+    (test_table,) = (tmp_path / "test").rglob("metrics_per_category.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(test_table, index_col=0), pd.read_csv(train_table, index_col=0))
